@@ -1,0 +1,563 @@
+"""The network F(x, t, s, y) of DE-CM: a LightningDiT transformer with an extra embedding of s.
+
+F predicts the average velocity from time t to time s (t <= s), so that the flow map of Eq. 9 is
+
+    f(x_t, t, s) = x_t + (s - t) * F(x_t, t, s, y).
+
+Time runs from noise (t = 0) to data (t = 1), LightningDiT's convention (no x1000 scaling).
+The architecture is LightningDiT's (hustvl/LightningDiT, `models/lightningdit.py`): patch embedding
+plus a fixed 2D sin-cos position table, adaLN-Zero blocks with RMSNorm, 2D RoPE in attention and a
+SwiGLU MLP, a class embedding with one extra row for the null class (classifier-free guidance).
+Parameter and buffer names are LightningDiT's, so its released checkpoints load with strict=True
+into a model built with `s_embed=False` (the teacher). The student adds `s_embedder`, whose last
+layer starts at zero: a student copied from a teacher is bit-identical to it for every s.
+
+Attention uses F.scaled_dot_product_attention. Forward-mode AD (torch.func.jvp) is not implemented
+for the fused kernels, so losses.py runs its JVPs under `sdpa_kernel(SDPBackend.MATH)`.
+"""
+import math
+import os
+import pickle
+import re
+import tempfile
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# depth, hidden size, heads, patch size. 'tiny' is the CPU model for the built-in 16x16 dataset
+# (0.35M parameters); the others are LightningDiT's presets (XL/1 is the paper's teacher).
+PRESETS = {
+    'tiny': dict(depth=4, hidden=64, heads=4, patch=2),
+    'small': dict(depth=6, hidden=128, heads=4, patch=2),
+    'B/1': dict(depth=12, hidden=768, heads=12, patch=1),
+    'B/2': dict(depth=12, hidden=768, heads=12, patch=2),
+    'L/2': dict(depth=24, hidden=1024, heads=16, patch=2),
+    'XL/1': dict(depth=28, hidden=1152, heads=16, patch=1),
+    'XL/2': dict(depth=28, hidden=1152, heads=16, patch=2),
+}
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in at least float32 (bf16 under autocast), keep float64 in the gradient tests
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features of a time in [0, 1] followed by a 2-layer MLP (DiT's embedder)."""
+
+    def __init__(self, hidden, freq_dim=256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, t):
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=t.dtype) / half)
+        args = t[:, None] * freqs[None]
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+
+class RoPE2D(nn.Module):
+    """2D rotary embedding on an h x w token grid: the first half of each head's channels rotates with
+    the row index, the second half with the column index; channel pairs (2i, 2i+1) rotate together."""
+
+    def __init__(self, head_dim, grid):
+        super().__init__()
+        dim = head_dim // 2                                    # channels per axis
+        freqs = 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))
+        pos = torch.arange(grid).float()
+        f = torch.repeat_interleave(pos[:, None] * freqs[None], 2, dim=-1)       # (grid, dim)
+        f = torch.cat([f[:, None, :].expand(grid, grid, dim), f[None, :, :].expand(grid, grid, dim)], -1)
+        self.register_buffer('freqs_cos', f.cos().reshape(grid * grid, head_dim))
+        self.register_buffer('freqs_sin', f.sin().reshape(grid * grid, head_dim))
+
+    def forward(self, x):                                      # x: (B, heads, tokens, head_dim)
+        x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+        rotated = torch.stack([-x2, x1], dim=-1).flatten(-2)
+        return x * self.freqs_cos + rotated * self.freqs_sin
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.proj = nn.Linear(hidden, hidden)
+
+    def forward(self, x, rope):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(rope(q), rope(k), v)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, hidden, mlp_hidden):
+        super().__init__()
+        self.w12 = nn.Linear(hidden, 2 * mlp_hidden)
+        self.w3 = nn.Linear(mlp_hidden, hidden)
+
+    def forward(self, x):
+        x1, x2 = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(x1) * x2)
+
+
+class Block(nn.Module):
+    """adaLN-Zero transformer block: x += gate * op(modulate(norm(x), shift, scale))."""
+
+    def __init__(self, hidden, heads):
+        super().__init__()
+        self.norm1 = RMSNorm(hidden)
+        self.attn = Attention(hidden, heads)
+        self.norm2 = RMSNorm(hidden)
+        self.mlp = SwiGLU(hidden, int(2 / 3 * 4 * hidden))  # LightningDiT: SwiGLU at 2/3 of mlp_ratio 4
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
+
+    def forward(self, x, c, rope):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1), rope)
+        return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden, patch, out_channels):
+        super().__init__()
+        self.norm_final = RMSNorm(hidden)
+        self.linear = nn.Linear(hidden, patch * patch * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch, in_channels, hidden):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden, patch, stride=patch)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+def sincos_2d(dim, grid):
+    """Fixed 2D sin-cos position table (MAE/DiT): half the channels encode the row, half the column."""
+    def one_axis(d, pos):
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2))
+        out = np.outer(pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+    w, h = np.meshgrid(np.arange(grid, dtype=np.float32), np.arange(grid, dtype=np.float32))
+    return np.concatenate([one_axis(dim // 2, w), one_axis(dim // 2, h)], axis=1)
+
+
+class DiT(nn.Module):
+    """F(x, t, s, y). `s=None` (or a model built with s_embed=False) gives the teacher F(x, t, y)."""
+
+    def __init__(self, preset='tiny', in_channels=1, input_size=16, num_classes=10, s_embed=True):
+        super().__init__()
+        cfg = PRESETS[preset] if isinstance(preset, str) else preset   # a name, or a dict like PRESETS'
+        hidden, heads, patch, depth = cfg['hidden'], cfg['heads'], cfg['patch'], cfg['depth']
+        self.config = dict(preset=preset, in_channels=in_channels, input_size=input_size,
+                           num_classes=num_classes, s_embed=s_embed)
+        self.in_channels, self.input_size, self.num_classes, self.patch = in_channels, input_size, num_classes, patch
+        grid = input_size // patch
+        self.x_embedder = PatchEmbed(patch, in_channels, hidden)
+        self.t_embedder = TimestepEmbedder(hidden)
+        self.y_embedder = nn.Module()
+        self.y_embedder.embedding_table = nn.Embedding(num_classes + 1, hidden)   # row num_classes = null
+        self.s_embedder = TimestepEmbedder(hidden) if s_embed else None
+        self.pos_embed = nn.Parameter(torch.from_numpy(sincos_2d(hidden, grid)).float()[None],
+                                      requires_grad=False)
+        self.feat_rope = RoPE2D(hidden // heads, grid)
+        self.blocks = nn.ModuleList([Block(hidden, heads) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden, patch, in_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        for emb in [self.t_embedder] + ([self.s_embedder] if self.s_embedder is not None else []):
+            nn.init.normal_(emb.mlp[0].weight, std=0.02)
+            nn.init.normal_(emb.mlp[2].weight, std=0.02)
+        for block in self.blocks:                              # adaLN-Zero
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+        if self.s_embedder is not None:
+            zero_s_branch(self)
+
+    def forward(self, x, t, s=None, y=None):
+        """x: (B, C, H, W); t, s: (B,) times in [0, 1]; y: (B,) labels, num_classes = null class."""
+        B, C, H, W = x.shape
+        c = self.t_embedder(t) + self.y_embedder.embedding_table(y)
+        if self.s_embedder is not None and s is not None:
+            c = c + self.s_embedder(s)
+        x = self.x_embedder(x) + self.pos_embed
+        for block in self.blocks:
+            x = block(x, c, self.feat_rope)
+        x = self.final_layer(x, c)                             # (B, tokens, p * p * C)
+        p, h, w = self.patch, H // self.patch, W // self.patch
+        return x.reshape(B, h, w, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, H, W)
+
+
+def zero_s_branch(model):
+    """The s branch's output layer starts at zero, so F(x, t, s) = F_teacher(x, t) for every s."""
+    nn.init.zeros_(model.s_embedder.mlp[2].weight)
+    nn.init.zeros_(model.s_embedder.mlp[2].bias)
+
+
+def student_from_teacher(teacher):
+    """Alg.1 l.1: F_theta <- copyWeights(F_tea), plus a zero-initialised s branch."""
+    cfg = dict(teacher.config, s_embed=True)
+    student = DiT(**cfg).to(next(teacher.parameters()).device)
+    sd = {k: v for k, v in teacher.state_dict().items() if not k.startswith('s_embedder.')}
+    missing, unexpected = student.load_state_dict(sd, strict=False)
+    assert not unexpected and all(k.startswith('s_embedder.') for k in missing), (missing, unexpected)
+    return student
+
+
+def describe_keys(keys):
+    """Guess which kind of file a set of state-dict keys came from (for error messages)."""
+    keys = list(keys)
+    if {'model', 'ema', 'args'} <= set(keys):
+        return 'a decm checkpoint'
+    if any(k.startswith(('encoder.', 'decoder.', 'quant_conv', 'post_quant_conv')) for k in keys):
+        return 'a VA-VAE file'
+    if any(k.startswith(('blocks.', 'y_embedder.', 'x_embedder.')) for k in keys):
+        return 'a LightningDiT-style state dict'
+    return 'not a file this project knows'
+
+
+def load_dit_state(model, sd, path):
+    """load_state_dict(strict=True) with a one-line error that names the offending keys."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    wrong = [f'{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}' for k in own
+             if k in sd and hasattr(sd[k], 'shape') and sd[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        raise ValueError(f'{path} does not fit the model ({describe_keys(sd.keys())}): '
+                         f'missing {missing[:3]} unexpected {unexpected[:3]} wrong shapes {wrong[:3]}')
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
+def count_params(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ----------------------------------------------------------------------------
+# VA-VAE (f16d32) decoder: latents -> images, plus ADM-style .npz writing.
+#
+# Architecture = the LDM KL-autoencoder decoder with the VA-VAE f16d32 settings
+# (tokenizer/configs/vavae_f16d32.yaml ddconfig): ch 128, ch_mult (1,1,2,2,4),
+# num_res_blocks 2 (decoder uses 2+1 ResBlocks per level), attn_resolutions
+# [16], z_channels 32, embed_dim 32, out_ch 3, resolution 256, dropout 0,
+# GroupNorm(32 groups, eps 1e-6, affine), swish, no timestep embedding,
+# give_pre_end False, tanh_out False.  decode(z) = decoder(post_quant_conv(z)).
+#
+# Parameter names follow the release checkpoint exactly (decoder.* and
+# post_quant_conv.*), so the weights load without renaming.
+#
+# Release file (vavae-imagenet256-f16d32-dinov2.pt): upstream's
+# tokenizer/autoencoder.py loads it with torch.load and, if the object has a
+# 'state_dict' key, uses that entry (i.e. a PyTorch-Lightning style checkpoint
+# {'state_dict': {...}, ...}); otherwise the object itself is the state dict.
+# That state dict holds the whole training-time AutoencoderKL: encoder.*,
+# quant_conv.*, decoder.*, post_quant_conv.*, loss.* (LPIPS/discriminator) and
+# the VF-alignment extras (foundation_model.*, linear_proj.*).  Only decoder.*
+# and post_quant_conv.* are used here.
+# ----------------------------------------------------------------------------
+
+def _vae_norm(channels):
+    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+
+
+class VAEResBlock(nn.Module):
+    """Pre-activation residual block: (GN, swish, conv3x3) x 2, 1x1 skip when widths differ."""
+
+    def __init__(self, in_ch, out_ch):
+        super().__init__()
+        self.norm1 = _vae_norm(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.norm2 = _vae_norm(out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        # checkpoint name for the 1x1 projection on the residual path
+        self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        skip = x if self.nin_shortcut is None else self.nin_shortcut(x)
+        return skip + h
+
+
+class VAEAttnBlock(nn.Module):
+    """Single-head spatial self-attention; q/k/v/proj_out are 1x1 convs (checkpoint layout)."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.norm = _vae_norm(ch)
+        self.q = nn.Conv2d(ch, ch, 1)
+        self.k = nn.Conv2d(ch, ch, 1)
+        self.v = nn.Conv2d(ch, ch, 1)
+        self.proj_out = nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x):
+        n, c, hgt, wid = x.shape
+        y = self.norm(x)
+
+        def tokens(t):  # (N, C, H, W) -> (N, 1, H*W, C)
+            return t.flatten(2).transpose(1, 2).unsqueeze(1)
+
+        att = F.scaled_dot_product_attention(tokens(self.q(y)), tokens(self.k(y)), tokens(self.v(y)))
+        att = att.squeeze(1).transpose(1, 2).reshape(n, c, hgt, wid)
+        return x + self.proj_out(att)
+
+
+class VAEUpsample(nn.Module):
+    """Nearest-neighbour x2 followed by a 3x3 conv."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class VAEMidBlock(nn.Module):
+    def __init__(self, ch):
+        super().__init__()
+        self.block_1 = VAEResBlock(ch, ch)
+        self.attn_1 = VAEAttnBlock(ch)
+        self.block_2 = VAEResBlock(ch, ch)
+
+    def forward(self, x):
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class VAEUpLevel(nn.Module):
+    """One resolution level: ResBlocks (each optionally followed by attention), then optional upsample."""
+
+    def __init__(self, in_ch, out_ch, n_blocks, use_attn, upsample):
+        super().__init__()
+        self.block = nn.ModuleList()
+        self.attn = nn.ModuleList()
+        for i in range(n_blocks):
+            self.block.append(VAEResBlock(in_ch if i == 0 else out_ch, out_ch))
+            if use_attn:
+                self.attn.append(VAEAttnBlock(out_ch))
+        self.upsample = VAEUpsample(out_ch) if upsample else None
+
+    def forward(self, x):
+        for i, blk in enumerate(self.block):
+            x = blk(x)
+            if len(self.attn) > 0:
+                x = self.attn[i](x)
+        if self.upsample is not None:
+            x = self.upsample(x)
+        return x
+
+
+class VAEDecoderTrunk(nn.Module):
+    """The `decoder.*` part of the LDM autoencoder.  up[i] is stored at index i
+    (i = 0 is the full-resolution level) but executed from the coarsest level down."""
+
+    def __init__(self, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,),
+                 z_channels=32, out_ch=3, resolution=256):
+        super().__init__()
+        n_levels = len(ch_mult)
+        width = ch * ch_mult[-1]
+        res = resolution // 2 ** (n_levels - 1)
+        self.conv_in = nn.Conv2d(z_channels, width, 3, padding=1)
+        self.mid = VAEMidBlock(width)
+        levels = [None] * n_levels
+        for lvl in range(n_levels - 1, -1, -1):
+            out_w = ch * ch_mult[lvl]
+            levels[lvl] = VAEUpLevel(width, out_w, num_res_blocks + 1,
+                                     use_attn=res in attn_resolutions, upsample=lvl != 0)
+            width = out_w
+            if lvl != 0:
+                res *= 2
+        self.up = nn.ModuleList(levels)
+        self.norm_out = _vae_norm(width)
+        self.conv_out = nn.Conv2d(width, out_ch, 3, padding=1)
+
+    def forward(self, z):
+        h = self.mid(self.conv_in(z))
+        for lvl in range(len(self.up) - 1, -1, -1):
+            h = self.up[lvl](h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class VAVAEDecoder(nn.Module):
+    """VA-VAE f16d32 decoder: de-normalised latents (N, 32, 16, 16) -> images (N, 3, 256, 256) in ~[-1, 1].
+
+    state_dict keys: post_quant_conv.{weight,bias} and decoder.* exactly as in the release file.
+    The constructor arguments exist so tests can build a narrow copy (e.g. ch=32); keep the
+    defaults for the released weights.
+    """
+
+    def __init__(self, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,),
+                 z_channels=32, embed_dim=32, out_ch=3, resolution=256):
+        super().__init__()
+        self.embed_dim = embed_dim
+        # same registration order as the checkpoint: decoder.* first, then post_quant_conv.*
+        self.decoder = VAEDecoderTrunk(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks,
+                                       attn_resolutions=attn_resolutions, z_channels=z_channels,
+                                       out_ch=out_ch, resolution=resolution)
+        self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
+
+    def forward(self, z):
+        return self.decoder(self.post_quant_conv(z))
+
+
+_VAE_PREFIXES = ("decoder.", "post_quant_conv.")
+
+
+def _vae_describe_checkpoint(obj, keys):
+    """Best guess of what a non-matching file is, for error messages."""
+    if isinstance(obj, Mapping) and all(k in obj for k in ("model", "ema", "args")):
+        return "looks like a decm checkpoint (has 'model', 'ema', 'args' entries), not a VA-VAE file"
+    inner = []
+    if isinstance(obj, Mapping):
+        for name in ("ema", "model"):
+            if isinstance(obj.get(name), Mapping):
+                inner.extend(str(k) for k in obj[name].keys())
+    dit_markers = ("blocks.0.attn.qkv.weight", "y_embedder.embedding_table.weight",
+                   "x_embedder.proj.weight", "t_embedder.mlp.0.weight", "final_layer.linear.weight")
+    pool = set(keys) | set(inner)
+    if any(m in pool or ("module." + m) in pool for m in dit_markers):
+        return "looks like a LightningDiT checkpoint (DiT keys such as blocks.0.attn.qkv.weight / y_embedder.*), not a VA-VAE file"
+    if any(k.startswith(("decoder.", "encoder.", "post_quant_conv.", "quant_conv.")) for k in keys):
+        return "looks like a VA-VAE/LDM autoencoder file, but its decoder does not match the f16d32 layout"
+    return "not recognised as a VA-VAE, LightningDiT or decm file"
+
+
+def _vae_short_list(names, n=4):
+    names = list(names)
+    head = ", ".join(names[:n])
+    return head + (f" (+{len(names) - n} more)" if len(names) > n else "") if names else "none"
+
+
+def load_vavae_decoder(path, device="cpu", allow_unsafe_pickle=False, decoder_kwargs=None):
+    """Build VAVAEDecoder and load decoder.* / post_quant_conv.* from the VA-VAE release file.
+
+    Accepts {'state_dict': sd, ...} (release format) or a bare state dict; every other key
+    (encoder.*, quant_conv.*, loss.*, foundation_model.*, linear_proj.*, ...) is ignored.
+    Loading is strict on the kept keys; any missing/unexpected/mis-shaped key raises ValueError.
+    The file is read with weights_only=True; pass allow_unsafe_pickle=True only for a trusted file
+    that stores non-tensor Python objects the safe loader refuses.
+    decoder_kwargs: VAVAEDecoder constructor overrides (tests only; leave None for the release file).
+    """
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if not allow_unsafe_pickle:
+            msg = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
+            first = msg.splitlines()[0] if msg else type(e).__name__
+            raise ValueError(f"{path}: torch.load(weights_only=True) refused the file ({first}); "
+                             f"if the file is trusted, call load_vavae_decoder(..., allow_unsafe_pickle=True)") from e
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        sd = obj["state_dict"]
+    elif isinstance(obj, Mapping):
+        sd = obj
+    else:
+        raise ValueError(f"{path}: expected a dict / state dict, got {type(obj).__name__}")
+
+    all_keys = [str(k) for k in sd.keys()]
+    kept = {k: v for k, v in sd.items() if isinstance(k, str) and k.startswith(_VAE_PREFIXES)}
+
+    model = VAVAEDecoder(**(decoder_kwargs or {}))
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in kept]
+    unexpected = [k for k in kept if k not in expected]
+    bad_shape = [f"{k} {tuple(kept[k].shape)}!={tuple(expected[k].shape)}" for k in expected
+                 if k in kept and (not torch.is_tensor(kept[k]) or kept[k].shape != expected[k].shape)]
+    if missing or unexpected or bad_shape:
+        kind = _vae_describe_checkpoint(obj, all_keys)
+        raise ValueError(
+            f"{path}: cannot load VA-VAE f16d32 decoder: {kind}; "
+            f"missing: {_vae_short_list(missing)}; unexpected: {_vae_short_list(unexpected)}; shape mismatch: {_vae_short_list(bad_shape)}; "
+            f"file keys start with: {_vae_short_list(all_keys)}")
+
+    model.load_state_dict({k: v.to(torch.float32) for k, v in kept.items()}, strict=True)
+    model.to(device).eval().requires_grad_(False)
+    return model
+
+
+@torch.no_grad()
+def decode_to_uint8(decoder, z):
+    """Decode de-normalised latents z (N, 32, 16, 16) to uint8 images, NHWC, on the decoder's device.
+
+    ADM / upstream convention: clamp(127.5 * x + 128, 0, 255) then truncate to uint8.
+    """
+    p = next(decoder.parameters())
+    x = decoder(z.to(device=p.device, dtype=p.dtype)).float()
+    x = torch.clamp(127.5 * x + 128.0, 0, 255)
+    return x.permute(0, 2, 3, 1).to(torch.uint8).contiguous()
+
+
+def write_adm_npz(path, images_uint8_nhwc, labels=None):
+    """Write an ADM-style sample file: arr_0 = uint8 images (N, H, W, C); arr_1 = int64 labels (N,) if given.
+
+    Written to a temporary file in the destination folder and moved into place with os.replace,
+    so readers never see a half-written file.
+    """
+    imgs = images_uint8_nhwc
+    if torch.is_tensor(imgs):
+        imgs = imgs.detach().cpu().numpy()
+    imgs = np.asarray(imgs)
+    if imgs.dtype != np.uint8 or imgs.ndim != 4 or imgs.shape[-1] not in (1, 3):
+        raise ValueError(f"write_adm_npz: expected uint8 NHWC images, got dtype {imgs.dtype} shape {imgs.shape}")
+    arrays = {"arr_0": np.ascontiguousarray(imgs)}
+    if labels is not None:
+        if torch.is_tensor(labels):
+            labels = labels.detach().cpu().numpy()
+        labels = np.asarray(labels).astype(np.int64).reshape(-1)
+        if labels.shape[0] != imgs.shape[0]:
+            raise ValueError(f"write_adm_npz: {labels.shape[0]} labels for {imgs.shape[0]} images")
+        arrays["arr_1"] = labels
+
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".npz", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

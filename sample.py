@@ -1,0 +1,278 @@
+"""Sampling from DE-CM (Sec. 4.5, Fig. 5, Table 4) and from the teacher, with exact NFE counts.
+
+Flow map (Eq. 9): f(x, t, s) = x + (s - t) F(x, t, s); t = 0 is noise, t = 1 data. One NFE = one call
+of the network.
+- Euler ODE (Fig. 5a): x <- x + (t_next - t) F(x, t, t), the instantaneous velocity (s = t).
+- CM (Fig. 5b): predict data x_1 = f(x, t, 1), re-noise with fresh noise to the next t, repeat.
+- Mix (Fig. 5c, `--mix`): `--mix-det` deterministic steps of the flow map x <- f(x, t, t_next) from
+  t = 0 to `--mix-t` (the N2N map jumps from noise straight to a noisy point; no new noise), then CM
+  steps from there. The paper leaves the switch open; our defaults (half of the NFE deterministic,
+  switch at t = 0.5) were picked on the built-in dataset (README).
+- Teacher: Euler with classifier-free guidance (one batched cond + uncond call per step), with
+  LightningDiT's CFG interval and timestep shift t' = shift t / (1 + (shift - 1) t).
+
+Writes OUT/grid.png (one row per class) and OUT/samples.npz: for 1- or 3-channel data (pixels) or with
+`--vae`, ADM-style `arr_0` (uint8 NHWC images) and `arr_1` (labels); without `--vae` on latents, the
+de-normalised `latents` and `labels`. Under torchrun the samples are split over ranks (noise seeded per
+batch, so the result does not depend on the number of ranks) and gathered into one .npz.
+"""
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from model import DiT, load_dit_state
+from teacher import load_teacher, cfg_velocity, read_checkpoint
+from train import cli_parser, latest_checkpoint, LatentFolder, BUILTIN_DIR
+
+
+def bcast(t, x):
+    return t.view(-1, *[1] * (x.dim() - 1)).to(x.dtype)
+
+
+def full(x, value):
+    return torch.full((x.shape[0],), float(value), device=x.device, dtype=x.dtype)
+
+
+@torch.no_grad()
+def euler_sampler(model, z, y, nfe):
+    """Fig. 5a: nfe Euler steps of the instantaneous velocity F(x, t, t)."""
+    ts = torch.linspace(0, 1, nfe + 1).tolist()
+    x = z
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        x = x + (t_next - t) * model(x, full(x, t), full(x, t), y)
+    return x
+
+
+@torch.no_grad()
+def cm_sampler(model, z, y, nfe, gen=None, times=None):
+    """Fig. 5b: x_1 = f(x_t, t, 1), then re-noise to the next time (times: default i / nfe)."""
+    times = times if times is not None else [i / nfe for i in range(nfe)]
+    x = z
+    for i, t in enumerate(times):
+        x1 = x + (1 - t) * model(x, full(x, t), full(x, 1), y)
+        if i + 1 < len(times):
+            eps = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+            x = (1 - times[i + 1]) * eps + times[i + 1] * x1   # fresh noise
+    return x1
+
+
+@torch.no_grad()
+def mix_sampler(model, z, y, nfe, det_steps=None, t_switch=0.5, gen=None):
+    """Fig. 5c: det_steps flow-map steps f(x, t, t_next) over [0, t_switch] (no new noise), then CM."""
+    det = max(0, min(nfe // 2 if det_steps is None else det_steps, nfe - 1))
+    x = z
+    ts = [t_switch * i / det for i in range(det + 1)] if det else [0.0]
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        x = x + (t_next - t) * model(x, full(x, t), full(x, t_next), y)
+    n_cm = nfe - det
+    t0 = ts[-1]
+    return cm_sampler(model, x, y, n_cm, gen, [t0 + (1 - t0) * i / n_cm for i in range(n_cm)])
+
+
+@torch.no_grad()
+def teacher_sampler(teacher, z, y, nfe, w_cfg=1.0, cfg_interval_start=0.0, shift=0.0):
+    """The teacher's Euler ODE with CFG (one batched cond+uncond call per step)."""
+    ts = torch.linspace(0, 1, nfe + 1)
+    if shift > 0:
+        ts = shift * ts / (1 + (shift - 1) * ts)
+    x = z
+    for t, t_next in zip(ts[:-1].tolist(), ts[1:].tolist()):
+        x = x + (t_next - t) * cfg_velocity(teacher, x, full(x, t), y, w_cfg, cfg_interval_start)
+    return x
+
+
+def count_calls(model):
+    """Counts forward calls of `model` (a forward hook): returns (counter dict, hook handle)."""
+    counter = {'calls': 0}
+    handle = model.register_forward_hook(lambda m, i, o: counter.update(calls=counter['calls'] + 1))
+    return counter, handle
+
+
+def run_sampler(model, name, z, y, nfe, gen=None, args=None):
+    """Dispatch on the sampler name; `args` carries the sampler flags (defaults if None)."""
+    get = lambda k, d: getattr(args, k, d) if args is not None else d
+    if model.s_embedder is None or name == 'teacher':
+        return teacher_sampler(model, z, y, nfe, get('cfg', 1.0), get('cfg_interval_start', 0.0), get('shift', 0.0))
+    if name == 'euler':
+        return euler_sampler(model, z, y, nfe)
+    if name == 'cm':
+        return cm_sampler(model, z, y, nfe, gen)
+    if name == 'mix':
+        return mix_sampler(model, z, y, nfe, get('mix_det', None), get('mix_t', 0.5), gen)
+    raise ValueError(f'unknown sampler {name}')
+
+
+def generate(model, name, n, nfe, num_classes, seed=0, batch=250, device='cpu', args=None, rank=0, world=1,
+             progress=True):
+    """n samples with labels i % num_classes. Batch b uses noise seeded by (seed, b); rank r does
+    batches r, r + world, ... Returns ({batch start: samples}, {batch start: labels}, network calls)
+    for this rank's batches."""
+    shape = (model.in_channels, model.input_size, model.input_size)
+    counter, handle = count_calls(model)
+    out, labels = {}, {}
+    starts = list(range(0, n, batch))[rank::world]
+    for b0 in tqdm(starts, desc=f'{name} {nfe} NFE', disable=not progress or rank != 0, leave=False):
+        gen = torch.Generator(device).manual_seed(seed * 1_000_003 + b0)
+        m = min(batch, n - b0)
+        y = torch.arange(b0, b0 + m, device=device) % num_classes
+        z = torch.randn((m,) + shape, generator=gen, device=device)
+        out[b0] = run_sampler(model, name, z, y, nfe, gen, args).float().cpu()
+        labels[b0] = y.cpu()
+    handle.remove()
+    return out, labels, counter['calls']
+
+
+def to_uint8(x):
+    """Images in [-1, 1] (N, C, H, W) -> uint8 NHWC, ADM's convention clamp(127.5 x + 128)."""
+    return (127.5 * x + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def save_grid(path, images_nhwc, labels, per_row=10, max_rows=10):
+    """PNG grid, one row per class (the first max_rows classes), per_row samples each."""
+    from PIL import Image
+    rows = []
+    for c in sorted(set(labels.tolist()))[:max_rows]:
+        sel = images_nhwc[labels == c][:per_row]
+        if len(sel) < per_row:
+            sel = torch.cat([sel, torch.zeros((per_row - len(sel),) + sel.shape[1:], dtype=sel.dtype)])
+        rows.append(torch.cat(list(sel), dim=1))
+    grid = torch.cat(rows, dim=0).numpy()
+    if grid.shape[-1] == 1:
+        grid = grid[..., 0]
+    scale = max(1, 256 // images_nhwc.shape[1])               # small images are enlarged (nearest)
+    im = Image.fromarray(grid)
+    im = im.resize((im.width * min(scale, 8), im.height * min(scale, 8)), Image.NEAREST)
+    tmp = path + '.tmp.png'
+    im.save(tmp)
+    os.replace(tmp, path)
+
+
+def save_npz(path, **arrays):
+    tmp = path + '.tmp.npz'
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def load_model(path, device='cpu', use='ema'):
+    """Our checkpoint (a file, a run folder or its `latest` pointer) or a LightningDiT teacher file.
+    Returns (model, latent stats or None, path)."""
+    if os.path.isdir(path):
+        resolved = latest_checkpoint(path)
+        if resolved is None:
+            raise ValueError(f'{path} is a folder without a `latest` checkpoint pointer')
+        path = resolved
+    elif os.path.basename(path) == 'latest' and os.path.isfile(path):
+        path = latest_checkpoint(os.path.dirname(path) or '.')
+    if not os.path.exists(path):
+        raise ValueError(f'checkpoint {path} does not exist')
+    ckpt = read_checkpoint(path)
+    if isinstance(ckpt, dict) and 'model_config' in ckpt and 'ema' in ckpt:
+        model = load_dit_state(DiT(**ckpt['model_config']), ckpt[use], path)
+        stats = ckpt.get('stats')
+    else:
+        model, stats = load_teacher(path), None
+    return model.eval().requires_grad_(False).to(device), stats, path
+
+
+def main(argv=None):
+    ap = cli_parser(__doc__)
+    A = ap.add_argument
+    A('--ckpt', default='runs/decm', help='checkpoint file, run folder (uses its latest), or LightningDiT file')
+    A('--nfe', type=int, default=1, help='network calls per sample (exact)')
+    A('--sampler', default='cm', choices=['cm', 'mix', 'euler'], help='DE-CM sampler (a teacher uses its Euler+CFG)')
+    A('--mix', action='store_true', help='same as --sampler mix')
+    A('--mix-det', type=int, default=None, help='deterministic flow-map steps of the Mix sampler (default nfe // 2)')
+    A('--mix-t', type=float, default=0.5, help='time where the Mix sampler switches to CM steps')
+    A('--cfg', type=float, default=2.0, help='teacher sampler: CFG weight')
+    A('--cfg-interval-start', type=float, default=0.0, help='teacher sampler: guide only for t >= this')
+    A('--shift', type=float, default=0.0, help='teacher sampler: timestep shift (LightningDiT: 0.3; 0 = off)')
+    A('--n', type=int, default=1000, help='number of samples (labels cycle over the classes)')
+    A('--batch', type=int, default=250, help='samples per network call')
+    A('--seed', type=int, default=0, help='noise seed')
+    A('--use', default='ema', choices=['ema', 'model'], help='which weights of our checkpoint')
+    A('--vae', default=None, help='VA-VAE file (vavae-imagenet256-f16d32-dinov2.pt): decode latents to images')
+    A('--out', default='samples', help='output folder: grid.png and samples.npz')
+    A('--fd-ref', default=None, help="pixel FD against a data folder ('builtin' for the built-in digits)")
+    A('--fid', default=None, help='FID against REF (image folder, ADM .npz or stats .npz) with --inception')
+    A('--inception', default=None, help='pt_inception-2015-12-05-6726825d.pth for --fid')
+    A('--device', default='auto', help='auto, cpu or cuda')
+    args = ap.parse_args(argv)
+    if args.mix:
+        args.sampler = 'mix'
+    if args.nfe < 1:
+        ap.error(f'--nfe {args.nfe}: must be at least 1')
+    if args.n < 2:
+        ap.error(f'--n {args.n}: need at least 2 samples')
+    try:
+        run(args)
+    except ValueError as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
+
+
+def run(args):
+    distributed = 'RANK' in os.environ
+    cuda = torch.cuda.is_available() and args.device != 'cpu'
+    if distributed:
+        dist.init_process_group('nccl' if cuda else 'gloo')
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    device = f'cuda:{torch.cuda.current_device()}' if cuda else 'cpu'
+    os.makedirs(args.out, exist_ok=True)
+    if not os.access(args.out, os.W_OK):
+        raise ValueError(f'--out {args.out} is not writable')
+    model, stats, path = load_model(args.ckpt, device, args.use)
+    name = 'teacher' if model.s_embedder is None else args.sampler
+    xs, ys, calls = generate(model, name, args.n, args.nfe, model.num_classes, args.seed, args.batch, device,
+                             args, rank, world)
+    if distributed:                                            # gather every rank's samples on rank 0
+        parts = [None] * world
+        dist.all_gather_object(parts, (xs, ys, calls))
+        xs = {k: v for p in parts for k, v in p[0].items()}
+        ys = {k: v for p in parts for k, v in p[1].items()}
+        calls = sum(p[2] for p in parts)
+        dist.destroy_process_group()
+        if rank != 0:
+            return
+    x, y = torch.cat([xs[k] for k in sorted(xs)]), torch.cat([ys[k] for k in sorted(ys)])
+    n_batches = len(range(0, args.n, args.batch))
+    print(f'{path}: {name} sampler, {args.nfe} NFE: {calls} network calls for {n_batches} batch(es) '
+          f'= {calls / n_batches:g} per sample' + (' (each a batched cond+uncond pass)' if name == 'teacher'
+                                                  and args.cfg != 1 else ''))
+    if stats is not None:                                      # de-normalise: (z - mean) / std inverted
+        x = x * stats['std'] + stats['mean']
+    npz = os.path.join(args.out, 'samples.npz')
+    if args.vae:
+        from model import load_vavae_decoder, decode_to_uint8
+        vae = load_vavae_decoder(args.vae, device)
+        images = torch.cat([decode_to_uint8(vae, x[i:i + 16].to(device)).cpu() for i in
+                            tqdm(range(0, len(x), 16), desc='decoding', leave=False)])
+    elif x.shape[1] in (1, 3):                                 # pixel-space data (the built-in digits)
+        images = to_uint8(x)
+    else:
+        images = None
+    if images is not None:
+        save_npz(npz, arr_0=images.numpy(), arr_1=y.numpy(), samples=x.numpy())
+        save_grid(os.path.join(args.out, 'grid.png'), images, y)
+        print(f'wrote {npz} and {os.path.join(args.out, "grid.png")}')
+    else:
+        save_npz(npz, latents=x.numpy(), labels=y.numpy())
+        print(f'wrote {npz} (latents; pass --vae to decode)')
+    if args.fd_ref:
+        from fid import pixel_fd
+        ref = LatentFolder(BUILTIN_DIR if args.fd_ref == 'builtin' else args.fd_ref)
+        idx = torch.randperm(len(ref), generator=torch.Generator().manual_seed(1))[:max(len(x), 2)]
+        real = torch.stack([ref[i][0] for i in idx.tolist()]).float()
+        print(f'FD: {pixel_fd(x.numpy(), real.numpy()):.4f}')
+    if args.fid:
+        from fid import fid_of
+        print(f'FID: {fid_of(npz, args.fid, args.inception):.4f}')
+
+
+if __name__ == '__main__':
+    main()

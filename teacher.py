@@ -1,0 +1,89 @@
+"""The teacher: load a pretrained flow model, freeze it, and give the distillation velocity.
+
+Alg. 1 lines 5-6 (and 20-21 at time r): one batched call gives the conditional and the
+unconditional velocity, and the guided velocity is normalised as in APG:
+
+    v = v_c + (w_cfg - 1) * eta * (v_c - v_u) / ||v_c - v_u||          (Alg. 1 l.6)
+
+The norm is per sample, over all D elements. We write the flag `--eta` in per-element units,
+eta_flag = eta / sqrt(D), i.e. the guidance direction is rescaled to an RMS of `eta_flag`, so that
+one default works for 1x16x16 pixels and 32x16x16 latents alike. With `vnorm=False` this is plain
+CFG (Eq. 18): v = v_c + (w_cfg - 1)(v_c - v_u), ablation (i) of Table 3.
+With no teacher ("from scratch") the target is the straight-path velocity v = z_ref - z (l.6 comment).
+
+Guidance acts on all channels. (LightningDiT's own `forward_with_cfg` guides only the first three
+channels, a legacy of DiT's 4-channel latents kept "for reproducibility"; on 32-channel VA-VAE
+latents that is a bug, and we do not copy it.)
+
+Checkpoints understood by `load_teacher`: ours (a dict with 'model', 'ema', 'args'; the EMA weights
+are used), LightningDiT's released files (a dict with 'ema' (and 'model', 'opt'), or a bare state
+dict; XL/1 on 32x16x16 VA-VAE latents, 1000 classes).
+"""
+import math
+
+import torch
+
+from model import DiT, load_dit_state, describe_keys
+
+
+def read_checkpoint(path):
+    """torch.load with weights_only=True: a checkpoint is data, never code."""
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f'checkpoint {path} does not exist')
+    except Exception as e:  # truncated file, a pickle that needs code, not a torch file at all
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ValueError(f'cannot read checkpoint {path} safely (weights_only=True): {first}')
+
+
+def load_teacher(path, preset='XL/1', in_channels=32, input_size=16, num_classes=1000, device='cpu'):
+    """Build the teacher F_tea(x, t, y) from a checkpoint and freeze it. The preset and data
+    arguments are used only for LightningDiT files; our own checkpoints carry their config."""
+    ckpt = read_checkpoint(path)
+    if not isinstance(ckpt, dict):
+        raise ValueError(f'{path} is not a state dict or a checkpoint dict')
+    if 'args' in ckpt and 'model_config' in ckpt:              # ours
+        cfg = dict(ckpt['model_config'])
+        sd = ckpt['ema']
+    else:                                                      # LightningDiT: 'ema' or a bare state dict
+        sd = ckpt.get('ema', ckpt)
+        sd = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in sd.items()}
+        if 'y_embedder.embedding_table.weight' not in sd:
+            raise ValueError(f'{path} is not a teacher checkpoint (it looks like {describe_keys(sd.keys())})')
+        cfg = dict(preset=preset, in_channels=in_channels, input_size=input_size, num_classes=num_classes)
+        cfg['s_embed'] = any(k.startswith('s_embedder.') for k in sd)
+    model = load_dit_state(DiT(**cfg), sd, path)
+    model.eval().requires_grad_(False)
+    return model.to(device)
+
+
+def teacher_velocity(teacher, x, t, y, z=None, x_ref=None, w_cfg=1.0, eta=1.0, vnorm=True):
+    """Alg.1 l.5-6 (l.20-21 with r in place of t). teacher=None: the from-scratch v = x_ref - z."""
+    if teacher is None:
+        return x_ref - z                                       # Alg.1 l.6 comment: from scratch
+    B = x.shape[0]
+    if w_cfg == 1.0:                                           # no guidance: one conditional call
+        return teacher(x, t, None, y)
+    null = torch.full_like(y, teacher.num_classes)
+    # l.5: cond and uncond in one batched call
+    v_c, v_u = teacher(torch.cat([x, x]), torch.cat([t, t]), None, torch.cat([y, null])).chunk(2)
+    d = v_c - v_u
+    if vnorm:                                                  # l.6: APG normalisation, per sample
+        D = d[0].numel()
+        norm = d.flatten(1).norm(dim=1).clamp_min(1e-12).view(B, *[1] * (d.dim() - 1))
+        d = eta * math.sqrt(D) * d / norm
+    return v_c + (w_cfg - 1) * d                               # Eq. 18 when vnorm is off
+
+
+@torch.no_grad()
+def cfg_velocity(teacher, x, t, y, w_cfg, cfg_interval_start=0.0):
+    """Plain CFG for the teacher's own Euler sampler: v_u + w (v_c - v_u), for t >= cfg_interval_start
+    (LightningDiT's CFG interval; below it the conditional velocity alone)."""
+    if w_cfg == 1.0:
+        return teacher(x, t, None, y)
+    null = torch.full_like(y, teacher.num_classes)
+    v_c, v_u = teacher(torch.cat([x, x]), torch.cat([t, t]), None, torch.cat([y, null])).chunk(2)
+    guided = v_u + w_cfg * (v_c - v_u)
+    on = (t >= cfg_interval_start).view(-1, *[1] * (x.dim() - 1))
+    return torch.where(on, guided, v_c)
