@@ -207,15 +207,22 @@ def update(loss, model, ema, opt, args, world):
     return True
 
 
-def train_step(student, ema, teacher, opt, batch, it, args, world, autocast):
-    """One iteration of Algorithm 1 on a normalised batch (x_ref, y). Returns the logged losses."""
+def draw(x_ref, args):
+    """The random draws of one iteration: noise z (l.2), t (l.3), r (l.18), label dropout."""
+    B, dev = x_ref.shape[0], x_ref.device
+    return {'z': torch.randn_like(x_ref), 't': sample_t(B, args, dev),
+            'r': torch.rand(B, device=dev) * args.r_max, 'drop': torch.rand(B, device=dev) < args.class_drop}
+
+
+def train_step(student, ema, teacher, opt, batch, it, args, world, autocast, draws=None):
+    """One iteration of Algorithm 1 on a normalised batch (x_ref, y). Returns (logged losses, ok)."""
     x_ref, y = batch
     dev, B = x_ref.device, x_ref.shape[0]
     names = args.loss_set
+    d = draws if draws is not None else draw(x_ref, args)
     if teacher is None and args.class_drop > 0:                # teacher training: CFG label dropout
-        y = torch.where(torch.rand(B, device=dev) < args.class_drop, torch.full_like(y, student.num_classes), y)
-    z = torch.randn_like(x_ref)                                # l.2
-    t = sample_t(B, args, dev)                                 # l.3
+        y = torch.where(d['drop'], torch.full_like(y, student.num_classes), y)
+    z, t = d['z'], d['t']                                      # l.2-3
     x_t = (1 - losses.bcast(t, z)) * z + losses.bcast(t, z) * x_ref   # l.4
     vel = dict(w_cfg=args.w_cfg, eta=args.eta, vnorm=args.vnorm)
     with torch.no_grad(), autocast:                            # l.5-6
@@ -232,7 +239,7 @@ def train_step(student, ema, teacher, opt, batch, it, args, world, autocast):
     if torch.is_tensor(loss):
         ok &= update(loss, student, ema, opt, args, world)    # l.15
     if 'n2n' in names and it % args.freq == 0:                 # l.17
-        r = torch.minimum(torch.rand(B, device=dev) * args.r_max, t)   # l.18: r -> 0, r <= t
+        r = torch.minimum(d['r'], t)                           # l.18: r -> 0, r <= t
         x_r = (1 - losses.bcast(r, z)) * z + losses.bcast(r, z) * x_ref   # l.19
         with torch.no_grad(), autocast:                        # l.20-21
             v_r = teacher_velocity(teacher, x_r, r, y, z, x_ref, **vel).float()

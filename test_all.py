@@ -1,0 +1,240 @@
+"""Tests of decm. Run: python -m pytest -q test_all.py
+
+Formulas are checked against finite differences in float64 on a model with random non-zero weights
+(with adaLN-Zero init every tangent would be exactly 0 and any formula would pass).
+"""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import losses
+import sample
+import train
+from model import DiT, student_from_teacher, load_dit_state, PRESETS
+from teacher import teacher_velocity, load_teacher
+
+torch.set_num_threads(2)
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def random_dit(s_embed=True, dtype=torch.float64, seed=0, channels=1, size=8, classes=10, preset='tiny'):
+    torch.manual_seed(seed)
+    m = DiT(preset, in_channels=channels, input_size=size, num_classes=classes, s_embed=s_embed)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    return m.to(dtype)
+
+
+def batch(B=3, C=1, H=8, seed=1, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, C, H, H, generator=g, dtype=dtype)
+    v = torch.randn(B, C, H, H, generator=g, dtype=dtype)
+    y = torch.tensor([0, 3, 10][:B])                           # 10 = null class
+    return x, v, y
+
+
+def flow_map(model, x, t, s, y):
+    """Eq. 9: f(x, t, s) = x + (s - t) F(x, t, s)."""
+    return x + losses.bcast(s - t, x) * model(x, t, s, y)
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+# ----------------------------------------------------------------------------- JVP and targets
+@pytest.mark.parametrize('fused', [True, False])
+def test_jvp_matches_central_difference(fused):
+    m = random_dit()
+    x, v, y = batch()
+    t, s = torch.tensor([0.2, 0.5, 0.7], dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    h = 1e-5
+    # along (v, 1, 0) at (x, t, 1): the CM tangent
+    _, dF = losses.model_jvp(m, x, t, s, y, (v, torch.ones_like(t), torch.zeros_like(t)), fused)
+    fd = (m(x + h * v, t + h, s, y) - m(x - h * v, t - h, s, y)) / (2 * h)
+    assert dF.abs().max() > 1e-3 and rel_err(dF, fd) < 1e-5
+    # along (lambda v, lambda, -gamma) at (x, r, t): the N2N tangent
+    lam, gam = 0.7, 1.3
+    r = torch.tensor([0.01, 0.03, 0.0], dtype=torch.float64)
+    _, dF = losses.model_jvp(m, x, r, t, y, (lam * v, torch.full_like(r, lam), torch.full_like(t, -gam)), fused)
+    fd = (m(x + h * lam * v, r + h * lam, t - h * gam, y) - m(x - h * lam * v, r - h * lam, t + h * gam, y)) / (2 * h)
+    assert dF.abs().max() > 1e-3 and rel_err(dF, fd) < 1e-5
+
+
+def test_g_cm_equals_finite_difference_of_flow_map():
+    m = random_dit()
+    x, v, y = batch()
+    t, one = torch.tensor([0.1, 0.4, 0.8], dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    F, dF = losses.model_jvp(m, x, t, one, y, (v, torch.ones_like(t), torch.zeros_like(t)), fused=False)
+    g, target = losses.cm_residual(F.detach(), dF, v, t, w1=0.5)
+    h = 1e-5   # g_cm = -d/dt f(x_t, t, 1) along dx/dt = v
+    fd = -(flow_map(m, x + h * v, t + h, one, y) - flow_map(m, x - h * v, t - h, one, y)) / (2 * h)
+    assert rel_err(g, fd) < 1e-5
+    assert torch.allclose(target, F - 0.5 * fd, atol=1e-6)
+    # the loss uses that target: with p = 0 it is the mean of (w1 g)^2
+    with torch.no_grad():
+        loss, _ = losses.cm_loss(m, x, t, y, v, w1=0.5, p=0.0, c=0.0, fused=False)
+    assert abs(loss.item() - (0.25 * fd.pow(2)).flatten(1).mean(1).mean().item()) < 1e-6 * loss.item()
+
+
+def test_n2n_residuals_equal_finite_differences():
+    m = random_dit()
+    x_r, v_r, y = batch()
+    v_psi = torch.randn_like(x_r)
+    r = torch.tensor([0.01, 0.02, 0.04], dtype=torch.float64)
+    t = torch.tensor([0.3, 0.5, 0.9], dtype=torch.float64)
+    lam, gam, h = 0.7, 1.3, 1e-5
+    # R_left = d/dr f(x_r, r, t) with dx_r/dr = v_r; R_right = d/dt f(x_r, r, t) - v_psi
+    R_left = (flow_map(m, x_r + h * v_r, r + h, t, y) - flow_map(m, x_r - h * v_r, r - h, t, y)) / (2 * h)
+    R_right = (flow_map(m, x_r, r, t + h, y) - flow_map(m, x_r, r, t - h, y)) / (2 * h) - v_psi
+    tangents = (lam * v_r, torch.full_like(r, lam), torch.full_like(t, -gam))
+    F, dF = losses.model_jvp(m, x_r, r, t, y, tangents, fused=False)
+    g, target = losses.n2n_residual(F.detach(), dF, v_r, v_psi, r, t, lam, gam, w2=1.0)
+    expected = gam * R_right - lam * R_left
+    assert R_left.abs().max() > 1e-2 and R_right.abs().max() > 1e-2
+    assert rel_err(g, expected) < 1e-5
+    # the paper's swapped weights of Eq. 15 would fail this check
+    swapped = (lam + gam) * F - gam * v_r - lam * v_psi - losses.bcast(t - r, v_r) * dF
+    assert rel_err(swapped, expected) > 1e-2
+    with torch.no_grad():   # the loss evaluates v_psi at the predicted point when given a function
+        seen = {}
+        loss, _ = losses.n2n_loss(m, x_r, r, t, y, v_r, lambda Fp: seen.setdefault('F', Fp) * 0 + v_psi,
+                                  lam, gam, w2=1.0, p=0.0, c=0.0, fused=False)
+    assert torch.allclose(seen['F'], F)
+    assert abs(loss.item() - expected.pow(2).flatten(1).mean(1).mean().item()) < 1e-6 * loss.item()
+
+
+def test_fm_loss_is_l2_plus_cosine():
+    m = random_dit()
+    x, v, y = batch()
+    t = torch.tensor([0.1, 0.4, 0.8], dtype=torch.float64)
+    with torch.no_grad():
+        F = m(x, t, t, y)
+        loss = losses.fm_loss(m, x, t, y, v, p=0.0, c=0.0)
+    cos = (F * v).flatten(1).sum(1) / (F.flatten(1).norm(dim=1) * v.flatten(1).norm(dim=1))
+    expected = (F - v).pow(2).flatten(1).mean(1).mean() + (1 - cos).mean()
+    assert abs(loss.item() - expected.item()) < 1e-6
+
+
+def test_adaptive_weighting():
+    pred, target = torch.zeros(2, 4), torch.tensor([[1.0] * 4, [2.0] * 4])
+    l = torch.tensor([1.0, 4.0])
+    assert torch.allclose(losses.adaptive_l2(pred, target, p=0.5, c=1e-3), (l / (l + 1e-3).sqrt()).mean())
+
+
+# ----------------------------------------------------------------------------- model and teacher
+def test_student_equals_teacher_at_init_for_every_s():
+    teacher = random_dit(s_embed=False, dtype=torch.float32)
+    student = student_from_teacher(teacher)
+    x, _, y = batch(dtype=torch.float32)
+    t = torch.tensor([0.1, 0.5, 0.9])
+    ref = teacher(x, t, None, y)
+    for s in [0.0, 0.3, 1.0]:
+        assert torch.equal(student(x, t, torch.full_like(t, s), y), ref)
+    # the s branch is live: after a change of its output layer, s matters
+    with torch.no_grad():
+        student.s_embedder.mlp[2].weight.normal_()
+    assert not torch.allclose(student(x, t, torch.zeros_like(t), y), student(x, t, torch.ones_like(t), y))
+
+
+def test_apg_velocity_equals_hand_computation():
+    teacher = random_dit(s_embed=False)
+    x, _, y = batch()
+    y = torch.tensor([0, 3, 7])
+    t = torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64)
+    calls, hook = sample.count_calls(teacher)
+    v = teacher_velocity(teacher, x, t, y, w_cfg=3.0, eta=0.2)
+    hook.remove()
+    assert calls['calls'] == 1                                 # cond + uncond in one batched call
+    v_c, v_u = teacher(x, t, None, y), teacher(x, t, None, torch.full_like(y, 10))
+    D = x[0].numel()
+    for i in range(3):
+        d = (v_c[i] - v_u[i]).flatten()
+        hand = v_c[i] + 2.0 * 0.2 * D ** 0.5 * (v_c[i] - v_u[i]) / d.norm()
+        assert torch.allclose(v[i], hand, atol=1e-10)
+    plain = teacher_velocity(teacher, x, t, y, w_cfg=3.0, vnorm=False)
+    assert torch.allclose(plain, v_c + 2.0 * (v_c - v_u), atol=1e-10)
+    z, xr = torch.randn_like(x), torch.randn_like(x)
+    assert torch.equal(teacher_velocity(None, x, t, y, z, xr), xr - z)
+
+
+def test_model_matches_upstream_lightningdit_output():
+    """testdata/ldit_tiny_ref.pt: upstream LightningDiT (random weights), its output on (x, t, y)."""
+    ref = torch.load(os.path.join(HERE, 'testdata', 'ldit_tiny_ref.pt'), weights_only=True)
+    c = ref['config']
+    arch = dict(depth=c['depth'], hidden=c['hidden_size'], heads=c['num_heads'], patch=c['patch_size'])
+    m = DiT(arch, in_channels=c['in_channels'], input_size=c['input_size'], num_classes=c['num_classes'],
+            s_embed=False)
+    load_dit_state(m, ref['state_dict'], 'ref')
+    out = m(ref['x'], ref['t'], None, ref['y'])
+    assert rel_err(out, ref['out']) < 1e-5
+
+
+def test_xl1_names_and_shapes_match_lightningdit():
+    with torch.device('meta'):
+        m = DiT('XL/1', in_channels=32, input_size=16, num_classes=1000, s_embed=False)
+    ours = {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    theirs = {}
+    for line in open(os.path.join(HERE, 'lightningdit_xl1_params.txt')):
+        if line.strip() and not line.startswith('#'):
+            name, shape = line.rstrip('\n').split('\t')
+            theirs[name] = tuple(int(s) for s in shape.split(','))
+    assert len(theirs) == 351 and ours == theirs
+
+
+def test_load_teacher_in_both_lightningdit_forms(tmp_path):
+    t = random_dit(s_embed=False, dtype=torch.float32, channels=4, size=8)
+    sd = t.state_dict()
+    torch.save({'model': sd, 'ema': sd, 'opt': {}}, tmp_path / 'train.pt')
+    torch.save(sd, tmp_path / 'bare.pt')
+    x, _, y = batch(C=4, dtype=torch.float32)
+    tt = torch.tensor([0.1, 0.5, 0.9])
+    for f in ['train.pt', 'bare.pt']:
+        m = load_teacher(str(tmp_path / f), preset='tiny', in_channels=4, input_size=8, num_classes=10)
+        assert torch.equal(m(x, tt, None, y), t(x, tt, None, y))
+        assert not any(p.requires_grad for p in m.parameters())
+    with pytest.raises(ValueError, match='LightningDiT-style'):
+        load_teacher(str(tmp_path / 'bare.pt'), preset='small', in_channels=4, input_size=8, num_classes=10)
+
+
+# ----------------------------------------------------------------------------- samplers
+@pytest.mark.parametrize('name', ['euler', 'cm', 'mix', 'teacher'])
+@pytest.mark.parametrize('nfe', [1, 2, 4])
+def test_samplers_make_exactly_nfe_calls(name, nfe):
+    m = random_dit(s_embed=name != 'teacher', dtype=torch.float32)
+    z = torch.randn(4, 1, 8, 8)
+    y = torch.arange(4)
+    calls, hook = sample.count_calls(m)
+    x = sample.run_sampler(m, name, z, y, nfe, torch.Generator().manual_seed(0))
+    hook.remove()
+    assert calls['calls'] == nfe and x.shape == z.shape and torch.isfinite(x).all()
+
+
+def test_mix_sampler_uses_no_fresh_noise_in_its_deterministic_phase(monkeypatch):
+    m = random_dit(dtype=torch.float32)
+    z, y = torch.randn(4, 1, 8, 8), torch.arange(4)
+    draws = []
+    real = torch.randn
+    monkeypatch.setattr(torch, 'randn', lambda *a, **k: draws.append(1) or real(*a, **k))
+    a = sample.mix_sampler(m, z, y, nfe=4, det_steps=3, gen=torch.Generator().manual_seed(0))
+    assert draws == []                                         # 3 flow-map steps then 1 CM step: no noise
+    b = sample.mix_sampler(m, z, y, nfe=4, det_steps=3, gen=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    sample.mix_sampler(m, z, y, nfe=4, det_steps=2, gen=torch.Generator().manual_seed(0))
+    assert len(draws) == 1                                     # 2 CM steps: one re-noising
+    # and the first deterministic step is the flow map f(z, 0, t_1) = z + t_1 F(z, 0, t_1)
+    one = sample.mix_sampler(m, z, y, nfe=2, det_steps=1, t_switch=0.5, gen=None)
+    x_half = z + 0.5 * m(z, torch.zeros(4), torch.full((4,), 0.5), y)
+    assert torch.allclose(one, x_half + 0.5 * m(x_half, torch.full((4,), 0.5), torch.ones(4), y), atol=1e-6)
+
+
+def test_cm_sampler_one_step_is_the_consistency_map():
+    m = random_dit(dtype=torch.float32)
+    z, y = torch.randn(4, 1, 8, 8), torch.arange(4)
+    assert torch.allclose(sample.cm_sampler(m, z, y, 1), z + m(z, torch.zeros(4), torch.ones(4), y))
