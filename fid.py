@@ -123,7 +123,7 @@ def save_stats(path, mu, sigma):
 def load_stats(path):
     """Reads (mu, sigma) in float64 from an .npz with keys mu and sigma."""
     with np.load(path) as f:
-        if 'mu' not in f or 'sigma' not in f:
+        if 'mu' not in f.files or 'sigma' not in f.files:
             raise FIDError(f'{path} has no mu and sigma (keys: {", ".join(f.files)})')
         return f['mu'].astype(np.float64), f['sigma'].astype(np.float64)
 
@@ -151,7 +151,7 @@ class ConvBN(nn.Module):
         self.bn = nn.BatchNorm2d(cout, eps=1e-3)
 
     def forward(self, x):
-        return F.relu(self.bn(self.conv(x)))
+        return F.relu(self.bn(self.conv(x)), inplace=True)
 
 
 def avg_pool_3x3(x):
@@ -326,7 +326,7 @@ def load_inception(path, device='cpu'):
     want = model.state_dict()
     missing = [k for k in want if k not in state]
     unexpected = [k for k in state if k not in want]
-    wrong = [f'{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})' for k, v in want.items()
+    wrong = [f'{k} {tuple(getattr(state[k], "shape", ()))} (expected {tuple(v.shape)})' for k, v in want.items()
              if k in state and (not torch.is_tensor(state[k]) or state[k].shape != v.shape)]
     problems = [(name, keys) for name, keys in
                 [('missing', missing), ('unexpected', unexpected), ('wrong shape', wrong)] if keys]
@@ -376,17 +376,21 @@ def load_images(path):
         return read_images(image_files(path))
     if not os.path.isfile(path):
         raise FIDError(f'{path} does not exist')
-    if not path.endswith('.npz'):
+    if not str(path).endswith('.npz'):
         raise FIDError(f'{path} is neither a folder of images nor an .npz')
     with np.load(path) as f:
         if 'arr_0' not in f.files:
             raise FIDError(f'{path} has no images under arr_0 (keys: {", ".join(f.files)})')
-        images = f['arr_0']
+        return check_images(f['arr_0'], f'{path}: arr_0')
+
+
+def check_images(images, name='images'):
+    """images as uint8 (N, H, W, C) with C = 1 or 3 ((N, H, W) gets C = 1), else a clear error."""
+    images = np.asarray(images)
     if images.ndim == 3:                                  # (N, H, W): grayscale
         images = images[..., None]
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise FIDError(f'{path}: arr_0 must be uint8 (N, H, W, C) with C = 1 or 3, '
-                       f'got {images.dtype} {images.shape}')
+        raise FIDError(f'{name} must be uint8 (N, H, W, C) with C = 1 or 3, got {images.dtype} {images.shape}')
     return images
 
 
@@ -409,7 +413,7 @@ def image_batches(source, batch_size=50, num_workers=0):
         loader = torch.utils.data.DataLoader(files, batch_size=batch_size, num_workers=num_workers,
                                              collate_fn=read_images)
         return len(files), loader
-    images = load_images(source) if isinstance(source, str) else np.asarray(source)
+    images = load_images(source) if isinstance(source, str) else check_images(source)
     return len(images), (images[i:i + batch_size] for i in range(0, len(images), batch_size))
 
 
@@ -443,6 +447,7 @@ def fid_of(samples, ref, inception_path=None, batch_size=50, device='cpu', num_w
 
     The weights file is only needed (and only loaded) when a source holds images.
     """
+    samples, ref = (os.fspath(s) if isinstance(s, os.PathLike) else s for s in (samples, ref))
     model = load_inception(inception_path, device) if needs_inception(samples, ref) else None
     mu1, sigma1 = source_stats(samples, model, batch_size, num_workers)
     mu2, sigma2 = source_stats(ref, model, batch_size, num_workers)

@@ -238,3 +238,163 @@ def test_cm_sampler_one_step_is_the_consistency_map():
     m = random_dit(dtype=torch.float32)
     z, y = torch.randn(4, 1, 8, 8), torch.arange(4)
     assert torch.allclose(sample.cm_sampler(m, z, y, 1), z + m(z, torch.zeros(4), torch.ones(4), y))
+
+
+# ----------------------------------------------------------------------------- training
+@pytest.fixture(scope='module')
+def digits(tmp_path_factory):
+    """A small built-in dataset (8x8 digits) in the latents-folder format."""
+    return train.make_digits(str(tmp_path_factory.mktemp('digits')), n=600, size=8, seed=0)
+
+
+@pytest.fixture(scope='module')
+def teacher_ckpt(digits, tmp_path_factory):
+    """A teacher checkpoint made by train.py itself (a few flow-matching steps from scratch)."""
+    out = str(tmp_path_factory.mktemp('teacher'))
+    train.main(['--data', digits, '--losses', 'fm', '--out', out, '--steps', '3', '--batch', '32', '--lr', '1e-3'])
+    return train.latest_checkpoint(out)
+
+
+def step_setup(teacher_path, argv, seed=0, dtype=torch.float32):
+    args = train.parse_args(argv)
+    teacher = load_teacher(teacher_path).to(dtype) if teacher_path else None
+    torch.manual_seed(seed)
+    student = (student_from_teacher(teacher) if teacher else DiT('tiny', 1, 8, 10, s_embed=True)).to(dtype)
+    with torch.no_grad():                                      # non-zero adaLN: gradients everywhere
+        for p in student.parameters():
+            if p.requires_grad:
+                p.add_(0.02 * torch.randn_like(p))
+    ema = DiT(**student.config).to(dtype)
+    ema.load_state_dict(student.state_dict())
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, args.beta2))
+    return args, teacher, student, ema, opt
+
+
+def fixed_batch(n=16, seed=3, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 8, 8, generator=g, dtype=dtype)
+    y = torch.randint(0, 10, (n,), generator=g)
+    draws = {'z': torch.randn(n, 1, 8, 8, generator=g, dtype=dtype),
+             't': (torch.randint(0, 9, (n,), generator=g) / 8).to(dtype),
+             'r': torch.rand(n, generator=g, dtype=dtype) * 0.05, 'drop': torch.zeros(n, dtype=torch.bool)}
+    return x, y, draws
+
+
+def test_one_iteration_with_freq_1_runs_both_updates(teacher_ckpt):
+    args, teacher, student, ema, opt = step_setup(teacher_ckpt, ['--freq', '1'])
+    x, y, draws = fixed_batch()
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    steps = []
+    real_step = opt.step
+    opt.step = lambda *a, **k: steps.append(1) or real_step(*a, **k)
+    log, ok = train.train_step(student, ema, teacher, opt, (x, y), 0, args, 1, torch.autocast('cpu', enabled=False), draws)
+    assert ok and set(log) == {'cm', 'fm', 'n2n', 'fm2'} and len(steps) == 2
+    changed = [k for k, v in student.state_dict().items() if not torch.equal(v, before[k])]
+    assert 's_embedder.mlp.2.weight' in changed and 'blocks.0.attn.qkv.weight' in changed
+    assert not torch.equal(ema.state_dict()['blocks.0.attn.qkv.weight'], before['blocks.0.attn.qkv.weight'])
+    # at iteration 1 with freq 2 only the CM + FM update runs
+    args.freq = 2
+    steps.clear()
+    log, _ = train.train_step(student, ema, teacher, opt, (x, y), 1, args, 1, torch.autocast('cpu', enabled=False), draws)
+    assert set(log) == {'cm', 'fm'} and len(steps) == 1
+
+
+def test_bf16_autocast_path_runs_on_cpu(teacher_ckpt):
+    """The CUDA code path (bf16 autocast around the network passes, fp32 JVPs), exercised on CPU."""
+    args, teacher, student, ema, opt = step_setup(teacher_ckpt, ['--freq', '1'])
+    x, y, draws = fixed_batch()
+    log, ok = train.train_step(student, ema, teacher, opt, (x, y), 0, args, 1,
+                               torch.autocast('cpu', dtype=torch.bfloat16), draws)
+    assert ok and all(torch.isfinite(v) for v in log.values())
+
+
+def test_short_teacher_run_lowers_fm_loss(digits, tmp_path):
+    torch.manual_seed(0)
+    ds = train.LatentFolder(digits)
+    idx = torch.arange(64)
+    x = (torch.stack([ds[i][0] for i in idx.tolist()]) - ds.mean) / ds.std
+    y = ds.labels[idx]
+    g = torch.Generator().manual_seed(0)
+    z, t = torch.randn(x.shape, generator=g), torch.rand(64, generator=g)
+    x_t = (1 - t.view(-1, 1, 1, 1)) * z + t.view(-1, 1, 1, 1) * x
+
+    def fm(m):
+        with torch.no_grad():
+            return losses.fm_loss(m, x_t, t, y, x - z).item()
+    m0 = DiT('tiny', 1, 8, 10, s_embed=False)
+    torch.manual_seed(0)
+    m0 = DiT('tiny', 1, 8, 10, s_embed=False)
+    out = str(tmp_path / 'run')
+    train.main(['--data', digits, '--losses', 'fm', '--out', out, '--steps', '60', '--batch', '32', '--lr', '2e-3',
+                '--ema', '0.9'])
+    m1, _, _ = sample.load_model(out, use='model')
+    assert fm(m1) < 0.8 * fm(m0)
+
+
+def final_weights(out):
+    return torch.load(train.latest_checkpoint(out), weights_only=True)
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(digits, teacher_ckpt, tmp_path):
+    common = ['--data', digits, '--teacher', teacher_ckpt, '--batch', '16', '--freq', '2', '--ckpt-every', '2']
+    a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
+    train.main(common + ['--out', a, '--steps', '5'])
+    train.main(common + ['--out', b, '--steps', '3'])
+    train.main(common + ['--out', b, '--steps', '5', '--resume', 'auto'])
+    wa, wb = final_weights(a), final_weights(b)
+    assert wa['step'] == wb['step'] == 5
+    for part in ['model', 'ema']:
+        for k in wa[part]:
+            assert torch.equal(wa[part][k], wb[part][k]), (part, k)
+
+
+def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(digits, teacher_ckpt, tmp_path, monkeypatch):
+    out = str(tmp_path / 'nan')
+    real = losses.fm_loss
+    calls = {'n': 0}
+
+    def fm_goes_nan(*a, **k):
+        calls['n'] += 1
+        value = real(*a, **k)
+        return value * float('nan') if calls['n'] > 4 else value
+    monkeypatch.setattr(losses, 'fm_loss', fm_goes_nan)
+    with pytest.raises(SystemExit) as e:
+        train.main(['--data', digits, '--losses', 'fm', '--out', out, '--steps', '20', '--batch', '16',
+                    '--ckpt-every', '2', '--nan-patience', '3'])
+    assert e.value.code == 1
+    ck = final_weights(out)
+    assert ck['step'] == 4 and all(torch.isfinite(v).all() for v in ck['model'].values())
+
+
+# ----------------------------------------------------------------------------- distributed
+def _ddp_worker(rank, world, init_file, teacher_path, out_file):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world)
+    args, teacher, student, ema, opt = step_setup(teacher_path, ['--freq', '1'], dtype=torch.float64)
+    x, y, draws = fixed_batch(dtype=torch.float64)
+    half = slice(rank * 8, rank * 8 + 8)
+    for it in range(2):
+        train.train_step(student, ema, teacher, opt, (x[half], y[half]), it, args, world,
+                         torch.autocast('cpu', enabled=False), {k: v[half] for k, v in draws.items()})
+    torch.save(student.state_dict(), f'{out_file}.{rank}')
+    dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_equal_one_process_on_the_concatenated_batch(teacher_ckpt, tmp_path):
+    import torch.multiprocessing as mp
+    out = str(tmp_path / 'w')
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / 'init'), teacher_ckpt, out), nprocs=2, join=True)
+    args, teacher, student, ema, opt = step_setup(teacher_ckpt, ['--freq', '1'], dtype=torch.float64)
+    x, y, draws = fixed_batch(dtype=torch.float64)
+    start = {k: v.clone() for k, v in student.state_dict().items()}
+    for it in range(2):
+        train.train_step(student, ema, teacher, opt, (x, y), it, args, 1, torch.autocast('cpu', enabled=False), draws)
+    w0, w1 = torch.load(out + '.0', weights_only=True), torch.load(out + '.1', weights_only=True)
+    single = student.state_dict()
+    moved = 0
+    for k in single:
+        assert torch.equal(w0[k], w1[k]), k                    # ranks agree bit for bit
+        assert torch.allclose(w0[k], single[k], atol=1e-10, rtol=1e-9), k
+        moved += not torch.equal(w0[k], start[k])
+    assert moved > 10

@@ -226,7 +226,7 @@ def train_step(student, ema, teacher, opt, batch, it, args, world, autocast, dra
     x_t = (1 - losses.bcast(t, z)) * z + losses.bcast(t, z) * x_ref   # l.4
     vel = dict(w_cfg=args.w_cfg, eta=args.eta, vnorm=args.vnorm)
     with torch.no_grad(), autocast:                            # l.5-6
-        v_t = teacher_velocity(teacher, x_t, t, y, z, x_ref, **vel).float()
+        v_t = teacher_velocity(teacher, x_t, t, y, z, x_ref, **vel).to(x_ref.dtype)
     log, ok = {}, True
     loss = 0.0
     if 'cm' in names:                                          # l.8-11
@@ -242,14 +242,14 @@ def train_step(student, ema, teacher, opt, batch, it, args, world, autocast, dra
         r = torch.minimum(d['r'], t)                           # l.18: r -> 0, r <= t
         x_r = (1 - losses.bcast(r, z)) * z + losses.bcast(r, z) * x_ref   # l.19
         with torch.no_grad(), autocast:                        # l.20-21
-            v_r = teacher_velocity(teacher, x_r, r, y, z, x_ref, **vel).float()
+            v_r = teacher_velocity(teacher, x_r, r, y, z, x_ref, **vel).to(x_ref.dtype)
 
         def v_psi(F_n2n):                                      # teacher velocity at time t (losses.py)
             if args.vpsi == 'interp' or teacher is None:
                 return v_t                                     # Alg.1 l.23
             with torch.no_grad(), autocast:                    # Eq. 13: at f(x_r, r, t)
                 x_hat = x_r + losses.bcast(t - r, x_r) * F_n2n
-                return teacher_velocity(teacher, x_hat, t, y, **vel).float()
+                return teacher_velocity(teacher, x_hat, t, y, **vel).to(x_ref.dtype)
         log['n2n'], _ = losses.n2n_loss(student, x_r, r, t, y, v_r, v_psi, args.lam, args.gam, args.w2,
                                         args.p, args.c, args.fused)   # l.22-25
         loss2 = log['n2n']
