@@ -190,7 +190,7 @@ def main(argv=None):
     A('--cfg', type=float, default=2.0, help='teacher sampler: CFG weight')
     A('--cfg-interval-start', type=float, default=0.0, help='teacher sampler: guide only for t >= this')
     A('--shift', type=float, default=0.0, help='teacher sampler: timestep shift (LightningDiT: 0.3; 0 = off)')
-    A('--n', type=int, default=1000, help='number of samples (labels cycle over the classes)')
+    A('--num-samples', type=int, default=1000, help='number of samples (labels cycle over the classes)')
     A('--batch', type=int, default=250, help='samples per network call')
     A('--seed', type=int, default=0, help='noise seed')
     A('--use', default='ema', choices=['ema', 'model'], help='which weights of our checkpoint')
@@ -205,8 +205,8 @@ def main(argv=None):
         args.sampler = 'mix'
     if args.nfe < 1:
         ap.error(f'--nfe {args.nfe}: must be at least 1')
-    if args.n < 2:
-        ap.error(f'--n {args.n}: need at least 2 samples')
+    if args.num_samples < 2:
+        ap.error(f'--num-samples {args.num_samples}: need at least 2 samples')
     try:
         run(args)
     except ValueError as e:
@@ -228,7 +228,7 @@ def run(args):
         raise ValueError(f'--out {args.out} is not writable')
     model, stats, path = load_model(args.ckpt, device, args.use)
     name = 'teacher' if model.s_embedder is None else args.sampler
-    xs, ys, calls = generate(model, name, args.n, args.nfe, model.num_classes, args.seed, args.batch, device,
+    xs, ys, calls = generate(model, name, args.num_samples, args.nfe, model.num_classes, args.seed, args.batch, device,
                              args, rank, world)
     if distributed:                                            # gather every rank's samples on rank 0
         parts = [None] * world
@@ -240,7 +240,7 @@ def run(args):
         if rank != 0:
             return
     x, y = torch.cat([xs[k] for k in sorted(xs)]), torch.cat([ys[k] for k in sorted(ys)])
-    n_batches = len(range(0, args.n, args.batch))
+    n_batches = len(range(0, args.num_samples, args.batch))
     print(f'{path}: {name} sampler, {args.nfe} NFE: {calls} network calls for {n_batches} batch(es) '
           f'= {calls / n_batches:g} per sample' + (' (each a batched cond+uncond pass)' if name == 'teacher'
                                                   and args.cfg != 1 else ''))

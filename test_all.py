@@ -398,3 +398,67 @@ def test_two_gloo_ranks_equal_one_process_on_the_concatenated_batch(teacher_ckpt
         assert torch.allclose(w0[k], single[k], atol=1e-10, rtol=1e-9), k
         moved += not torch.equal(w0[k], start[k])
     assert moved > 10
+
+
+# ----------------------------------------------------------------------------- data
+def write_latents_folder(root, shards=((0, 5), (1, 3)), C=2, H=4, classes=10, stats=True):
+    """A folder in LightningDiT's extraction format, latents_flip = -latents to tell them apart."""
+    from safetensors.torch import save_file
+    os.makedirs(root, exist_ok=True)
+    g, all_lat = torch.Generator().manual_seed(0), []
+    for k, (rank, n) in enumerate(shards):
+        lat = torch.randn(n, C, H, H, generator=g) * 3 + 1
+        save_file({'latents': lat, 'latents_flip': -lat, 'labels': torch.randint(0, classes, (n,), generator=g)},
+                  os.path.join(root, f'latents_rank{rank:02d}_shard{k:03d}.safetensors'))
+        all_lat.append(lat)
+    if stats:
+        torch.save({'mean': torch.full((1, C, 1, 1), 1.0), 'std': torch.full((1, C, 1, 1), 3.0)},
+                   os.path.join(root, 'latents_stats.pt'))
+    return torch.cat(all_lat)
+
+
+def test_latents_folder_is_read_normalised_flipped_and_labelled(tmp_path):
+    from safetensors.torch import load_file
+    root = str(tmp_path / 'lat')
+    lat = write_latents_folder(root)
+    ds = train.LatentFolder(root)
+    assert len(ds) == 8 and ds.shape == (2, 4, 4)
+    files = sorted(f for f in os.listdir(root) if f.endswith('.safetensors'))
+    labels = torch.cat([load_file(os.path.join(root, f))['labels'] for f in files])
+    for i in range(8):
+        a, b, y = ds[i]
+        assert torch.equal(a, lat[i]) and torch.equal(b, -lat[i]) and y == labels[i]
+    batch = [ds[i] for i in range(8)]
+    a, b = torch.stack([x[0] for x in batch]), torch.stack([x[1] for x in batch])
+    torch.manual_seed(0)
+    x = train.prepare_batch(a, b, ds.mean, ds.std, 'cpu')
+    torch.manual_seed(0)
+    flip = torch.rand(8) < 0.5
+    assert 0 < flip.sum() < 8
+    assert torch.allclose(x, (torch.where(flip.view(-1, 1, 1, 1), -lat, lat) - 1) / 3)
+    # --latent-stats compute writes the file a missing one asks for
+    os.remove(os.path.join(root, 'latents_stats.pt'))
+    with pytest.raises(ValueError, match='--latent-stats compute'):
+        train.LatentFolder(root)
+    ds = train.LatentFolder(root, 'compute')
+    assert ds.mean.shape == (1, 2, 1, 1) and torch.allclose(ds.mean.flatten(), lat.mean(dim=(0, 2, 3)), atol=1e-5)
+
+
+def test_builtin_dataset_is_deterministic(tmp_path):
+    a = train.make_digits(str(tmp_path / 'a'), n=30, size=8, seed=5)
+    b = train.make_digits(str(tmp_path / 'b'), n=30, size=8, seed=5)
+    da, db = train.LatentFolder(a), train.LatentFolder(b)
+    assert torch.equal(da[7][0], db[7][0]) and torch.equal(da.labels, db.labels)
+    assert da[7][0].min() >= -1 and da[7][0].max() <= 1 and da[7][0].std() > 0.1
+
+
+def test_torchrun_sample_shards_into_one_npz(teacher_ckpt, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    common = ['sample.py', '--ckpt', teacher_ckpt, '--num-samples', '30', '--batch', '10', '--nfe', '2']
+    subprocess.run([sys.executable] + common + ['--out', str(tmp_path / 'one')], check=True, cwd=HERE, env=env,
+                   capture_output=True)
+    subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29533']
+                   + common + ['--out', str(tmp_path / 'two')], check=True, cwd=HERE, env=env, capture_output=True)
+    one, two = np.load(tmp_path / 'one' / 'samples.npz'), np.load(tmp_path / 'two' / 'samples.npz')
+    assert one['arr_0'].shape == (30, 8, 8, 1) and one['arr_0'].dtype == np.uint8
+    assert np.array_equal(one['arr_0'], two['arr_0']) and np.array_equal(one['arr_1'], two['arr_1'])

@@ -89,7 +89,7 @@ class LatentFolder(torch.utils.data.Dataset):
         if not self.files:
             raise ValueError(f'--data {root}: no *.safetensors files (expected LightningDiT\'s '
                              f'latents_rank*_shard*.safetensors)')
-        self.index, labels, shape = [], [], None
+        self.index, labels, shape, self.handles = [], [], None, {}
         for f in self.files:
             try:
                 with safe_open(f, framework='pt') as h:
@@ -120,7 +120,6 @@ class LatentFolder(torch.utils.data.Dataset):
         self.mean, self.std = st['mean'].float().reshape(1, -1, 1, 1), st['std'].float().reshape(1, -1, 1, 1)
         if self.mean.shape[1] != shape[0]:
             raise ValueError(f'{stats_file} has {self.mean.shape[1]} channels, the latents {shape[0]}')
-        self.handles = {}
 
     def compute_stats(self, path):
         idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(0))[:10000]
@@ -163,6 +162,13 @@ def data_stream(ds, batch, seed, rank, world, start, workers):
             persistent_workers=False, pin_memory=torch.cuda.is_available())
         yield from loader
         epoch, skip = epoch + 1, 0
+
+
+def prepare_batch(lat, lat_flip, mean, std, device):
+    """Pick the flipped copy with probability 0.5, move to the device, normalise (z - mean) / std."""
+    flip = torch.rand(lat.shape[0]) < 0.5
+    x = torch.where(flip.view(-1, 1, 1, 1), lat_flip, lat).to(device, non_blocking=True).float()
+    return (x - mean) / std
 
 
 # ----------------------------------------------------------------------------- timesteps
@@ -498,9 +504,7 @@ def train(args):
     while step < args.steps:
         lat, lat_flip, y = next(stream)
         data_pos += 1
-        flip = torch.rand(lat.shape[0]) < 0.5                   # pick the flipped copy with p = 0.5
-        x = torch.where(flip.view(-1, 1, 1, 1), lat_flip, lat).to(dev, non_blocking=True).float()
-        x = (x - mean) / std
+        x = prepare_batch(lat, lat_flip, mean, std, dev)
         log, ok = train_step(student, ema, teacher, opt, (x, y.to(dev)), step, args, world, autocast)
         step += 1
         nan_run = 0 if ok else nan_run + 1
