@@ -462,3 +462,161 @@ def test_torchrun_sample_shards_into_one_npz(teacher_ckpt, tmp_path):
     one, two = np.load(tmp_path / 'one' / 'samples.npz'), np.load(tmp_path / 'two' / 'samples.npz')
     assert one['arr_0'].shape == (30, 8, 8, 1) and one['arr_0'].dtype == np.uint8
     assert np.array_equal(one['arr_0'], two['arr_0']) and np.array_equal(one['arr_1'], two['arr_1'])
+
+
+# ----------------------------------------------------------------------------- VA-VAE decoder
+from model import VAVAEDecoder, decode_to_uint8, load_vavae_decoder, write_adm_npz  # noqa: E402
+from model import VAVAEDecoder, decode_to_uint8, load_vavae_decoder, write_adm_npz
+
+SMALL = dict(ch=32)  # same topology as the release decoder, 4x narrower
+
+
+def _fake_extras(gen):
+    """Non-decoder entries that a release file carries and the loader must ignore."""
+    return {
+        "encoder.conv_in.weight": torch.randn(128, 3, 3, 3, generator=gen),
+        "encoder.down.0.block.0.norm1.weight": torch.ones(128),
+        "quant_conv.weight": torch.randn(64, 64, 1, 1, generator=gen),
+        "quant_conv.bias": torch.zeros(64),
+        "loss.logvar": torch.zeros(()),
+        "loss.discriminator.main.0.weight": torch.randn(64, 3, 4, 4, generator=gen),
+        "foundation_model.model.cls_token": torch.zeros(1, 1, 16),
+        "linear_proj.weight": torch.randn(16, 32, 1, 1, generator=gen),
+    }
+
+
+def _release_file(path, decoder, bare=False):
+    gen = torch.Generator().manual_seed(123)
+    sd = dict(_fake_extras(gen))
+    sd.update({k: v.clone() for k, v in decoder.state_dict().items()})
+    obj = sd if bare else {"state_dict": sd, "epoch": 7, "global_step": 1000}
+    torch.save(obj, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_decoder():
+    torch.manual_seed(0)
+    return VAVAEDecoder(**SMALL).eval()
+
+
+def test_release_key_names_and_shapes():
+    sd = VAVAEDecoder().state_dict()
+    expect = {
+        "post_quant_conv.weight": (32, 32, 1, 1),
+        "decoder.conv_in.weight": (512, 32, 3, 3),
+        "decoder.mid.block_1.norm1.weight": (512,),
+        "decoder.mid.attn_1.q.weight": (512, 512, 1, 1),
+        "decoder.mid.attn_1.proj_out.bias": (512,),
+        "decoder.up.4.attn.2.k.weight": (512, 512, 1, 1),
+        "decoder.up.4.upsample.conv.weight": (512, 512, 3, 3),
+        "decoder.up.3.block.0.conv1.weight": (256, 512, 3, 3),
+        "decoder.up.3.block.0.nin_shortcut.weight": (256, 512, 1, 1),
+        "decoder.up.1.block.0.nin_shortcut.weight": (128, 256, 1, 1),
+        "decoder.up.1.upsample.conv.weight": (128, 128, 3, 3),
+        "decoder.up.0.block.2.conv2.weight": (128, 128, 3, 3),
+        "decoder.norm_out.weight": (128,),
+        "decoder.conv_out.weight": (3, 128, 3, 3),
+    }
+    for k, shape in expect.items():
+        assert tuple(sd[k].shape) == shape, k
+    assert len(sd) == 196
+    assert not any(k.startswith("decoder.up.0.upsample") for k in sd)  # full-res level has no upsample
+    assert not any(".attn." in k and not k.startswith("decoder.up.4.") for k in sd)  # attention only at 16x16
+    assert sum(v.numel() for v in sd.values()) == 41418659
+
+
+def test_release_format_loads_ignores_extras_and_runs(tmp_path):
+    torch.manual_seed(1)
+    src = VAVAEDecoder().eval()
+    path = _release_file(tmp_path / "vavae.pt", src)
+    dec = load_vavae_decoder(path)
+    assert not dec.training
+    for k, v in src.state_dict().items():
+        assert torch.equal(dec.state_dict()[k], v), k
+    z = torch.randn(1, 32, 16, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        out = dec(z)
+    assert out.shape == (1, 3, 256, 256) and torch.isfinite(out).all()
+
+
+def test_small_shape_and_determinism(small_decoder):
+    z = torch.randn(2, 32, 16, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        a = small_decoder(z)
+        b = small_decoder(z)
+    assert a.shape == (2, 3, 256, 256)
+    assert torch.equal(a, b)
+    u = decode_to_uint8(small_decoder, z)
+    assert u.dtype == torch.uint8 and u.shape == (2, 256, 256, 3)
+    ref = torch.clamp(127.5 * a + 128.0, 0, 255).permute(0, 2, 3, 1).to(torch.uint8)
+    assert torch.equal(u, ref)
+
+
+def test_bare_state_dict_loads(tmp_path, small_decoder):
+    path = _release_file(tmp_path / "bare.pt", small_decoder, bare=True)
+    dec = load_vavae_decoder(path, decoder_kwargs=SMALL)
+    z = torch.randn(1, 32, 16, 16, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.equal(dec(z), small_decoder(z))
+
+
+def test_missing_key_is_value_error(tmp_path, small_decoder):
+    sd = {k: v for k, v in small_decoder.state_dict().items() if k != "decoder.conv_out.bias"}
+    torch.save({"state_dict": sd}, tmp_path / "broken.pt")
+    with pytest.raises(ValueError, match="decoder.conv_out.bias"):
+        load_vavae_decoder(tmp_path / "broken.pt", decoder_kwargs=SMALL)
+
+
+def test_lightningdit_file_rejected(tmp_path):
+    dit = {
+        "pos_embed": torch.zeros(1, 4, 8),
+        "x_embedder.proj.weight": torch.zeros(8, 32, 1, 1),
+        "y_embedder.embedding_table.weight": torch.zeros(11, 8),
+        "blocks.0.attn.qkv.weight": torch.zeros(24, 8),
+    }
+    torch.save(dit, tmp_path / "dit_bare.pt")
+    with pytest.raises(ValueError, match="LightningDiT"):
+        load_vavae_decoder(tmp_path / "dit_bare.pt")
+    torch.save({"model": dit, "ema": dit, "opt": {}, "config": {"a": 1}}, tmp_path / "dit_train.pt")
+    with pytest.raises(ValueError, match="LightningDiT"):
+        load_vavae_decoder(tmp_path / "dit_train.pt")
+
+
+def test_decm_file_rejected(tmp_path):
+    dit = {"blocks.0.attn.qkv.weight": torch.zeros(24, 8)}
+    torch.save({"model": dit, "ema": dit, "args": {"lr": 1e-4}}, tmp_path / "decm.pt")
+    with pytest.raises(ValueError, match="decm"):
+        load_vavae_decoder(tmp_path / "decm.pt")
+
+
+def test_adm_npz_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, size=(5, 16, 16, 3), dtype=np.uint8)
+    labels = np.array([0, 1, 999, 4, 5])
+    out = tmp_path / "sub" / "samples.npz"
+    write_adm_npz(out, torch.from_numpy(imgs), labels=torch.from_numpy(labels))
+    with np.load(out) as f:
+        assert sorted(f.files) == ["arr_0", "arr_1"]
+        assert f["arr_0"].dtype == np.uint8 and f["arr_0"].shape == (5, 16, 16, 3)
+        assert np.array_equal(f["arr_0"], imgs)
+        assert np.array_equal(f["arr_1"], labels)
+    write_adm_npz(out, imgs[:2])  # overwrite in place, no labels
+    with np.load(out) as f:
+        assert f.files == ["arr_0"] and np.array_equal(f["arr_0"], imgs[:2])
+    assert sorted(p.name for p in out.parent.iterdir()) == ["samples.npz"]  # no temp files left
+
+
+def test_adm_npz_rejects_float(tmp_path):
+    with pytest.raises(ValueError):
+        write_adm_npz(tmp_path / "x.npz", np.zeros((1, 8, 8, 3), dtype=np.float32))
+
+
+def test_pickled_objects_refused_unless_allowed(tmp_path, small_decoder):
+    import argparse
+    sd = dict(small_decoder.state_dict())
+    torch.save({"state_dict": sd, "hparams": argparse.Namespace(lr=1.0)}, tmp_path / "pickled.pt")
+    with pytest.raises(ValueError, match="weights_only"):
+        load_vavae_decoder(tmp_path / "pickled.pt", decoder_kwargs=SMALL)
+    dec = load_vavae_decoder(tmp_path / "pickled.pt", decoder_kwargs=SMALL, allow_unsafe_pickle=True)
+    assert torch.equal(dec.state_dict()["decoder.conv_out.weight"], sd["decoder.conv_out.weight"])
