@@ -223,7 +223,10 @@ def run(args):
             torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     device = f'cuda:{torch.cuda.current_device()}' if cuda else 'cpu'
-    os.makedirs(args.out, exist_ok=True)
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f'--out {args.out}: cannot create the folder ({e.strerror or e})')
     if not os.access(args.out, os.W_OK):
         raise ValueError(f'--out {args.out} is not writable')
     model, stats, path = load_model(args.ckpt, device, args.use)

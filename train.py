@@ -366,7 +366,7 @@ def parse_args(argv=None):
     A('--p', type=float, default=0.5, help='adaptive weighting power (0.5: pseudo-Huber)')
     A('--c', type=float, default=1e-3, help='adaptive weighting constant')
     A('--w-cfg', type=float, default=2.0, help='CFG weight of the teacher velocity')
-    A('--eta', type=float, default=0.1, help='RMS of the normalised guidance direction (teacher.py)')
+    A('--eta', type=float, default=0.05, help='RMS of the normalised guidance direction (teacher.py); 0.05 is about the RMS of v_c - v_u of the built-in teacher')
     A('--no-vnorm', dest='vnorm', action='store_false', help='plain CFG, Eq. 18 (Table 3 (i))')
     A('--vpsi', default='pred', choices=['pred', 'interp'],
       help='N2N teacher velocity at t: at the predicted point (Eq. 13) or at the interpolated x_t (Alg.1 l.23)')
@@ -477,7 +477,10 @@ def train(args):
     mean, std = ds.mean.to(dev), ds.std.to(dev)
     stream = data_stream(ds, args.batch // world, args.seed, rank, world, data_pos, args.workers)
 
-    os.makedirs(args.out, exist_ok=True)
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f'--out {args.out}: cannot create the folder ({e.strerror or e})')
     if not os.access(args.out, os.W_OK):
         raise ValueError(f'--out {args.out} is not writable')
     stop = {'signal': None}
