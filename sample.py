@@ -25,7 +25,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from model import DiT, load_dit_state
-from teacher import load_teacher, cfg_velocity, read_checkpoint
+from teacher import load_teacher, cfg_velocity, read_checkpoint, resolve_checkpoint
 from train import cli_parser, latest_checkpoint, LatentFolder, BUILTIN_DIR
 
 
@@ -160,15 +160,7 @@ def save_npz(path, **arrays):
 def load_model(path, device='cpu', use='ema'):
     """Our checkpoint (a file, a run folder or its `latest` pointer) or a LightningDiT teacher file.
     Returns (model, latent stats or None, path)."""
-    if os.path.isdir(path):
-        resolved = latest_checkpoint(path)
-        if resolved is None:
-            raise ValueError(f'{path} is a folder without a `latest` checkpoint pointer')
-        path = resolved
-    elif os.path.basename(path) == 'latest' and os.path.isfile(path):
-        path = latest_checkpoint(os.path.dirname(path) or '.')
-    if not os.path.exists(path):
-        raise ValueError(f'checkpoint {path} does not exist')
+    path = resolve_checkpoint(path)
     ckpt = read_checkpoint(path)
     if isinstance(ckpt, dict) and 'model_config' in ckpt and 'ema' in ckpt:
         model = load_dit_state(DiT(**ckpt['model_config']), ckpt[use], path)

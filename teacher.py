@@ -20,10 +20,24 @@ are used), LightningDiT's released files (a dict with 'ema' (and 'model', 'opt')
 dict; XL/1 on 32x16x16 VA-VAE latents, 1000 classes).
 """
 import math
+import os
 
 import torch
 
 from model import DiT, load_dit_state, describe_keys
+
+
+def resolve_checkpoint(path):
+    """A checkpoint file, a run folder (its `latest` pointer) or the `latest` pointer file itself."""
+    if os.path.isdir(path) or os.path.basename(path) == 'latest':
+        pointer = os.path.join(path, 'latest') if os.path.isdir(path) else path
+        if not os.path.isfile(pointer):
+            raise ValueError(f'{path} is a folder without a `latest` checkpoint pointer')
+        with open(pointer) as f:
+            path = os.path.join(os.path.dirname(pointer), f.read().strip())
+    if not os.path.exists(path):
+        raise ValueError(f'checkpoint {path} does not exist')
+    return path
 
 
 def read_checkpoint(path):
@@ -40,6 +54,7 @@ def read_checkpoint(path):
 def load_teacher(path, preset='XL/1', in_channels=32, input_size=16, num_classes=1000, device='cpu'):
     """Build the teacher F_tea(x, t, y) from a checkpoint and freeze it. The preset and data
     arguments are used only for LightningDiT files; our own checkpoints carry their config."""
+    path = resolve_checkpoint(path)
     ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict):
         raise ValueError(f'{path} is not a state dict or a checkpoint dict')

@@ -431,8 +431,13 @@ def train(args):
                 dist.barrier()
     ds = LatentFolder(data, args.latent_stats if rank == 0 else 'file')
     C, H, W = ds.shape
+    if len(ds) // world < args.batch // world:                 # fail before the progress bar is drawn
+        raise ValueError(f'the dataset has {len(ds)} samples, fewer than one batch of {args.batch // world} per rank')
     resume = latest_checkpoint(args.out) if args.resume == 'auto' else (args.resume or None)
     ckpt = load_student_checkpoint(resume) if resume else None
+    if ckpt is not None and args.loss_set != ['fm'] and not ckpt['model_config'].get('s_embed', True):
+        raise ValueError(f'{resume} is a flow-matching (teacher) checkpoint without the s input: give it '
+                         f'as --teacher, not --resume, for --losses {args.losses}')
 
     # Alg.1 l.1: F_theta <- copyWeights(F_tea), F_ema <- copyWeights(F_theta)
     torch.manual_seed(args.seed)
@@ -484,8 +489,8 @@ def train(args):
     if not os.access(args.out, os.W_OK):
         raise ValueError(f'--out {args.out} is not writable')
     stop = {'signal': None}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda s, f: stop.update(signal=s))
+    old_handlers = {sig: signal.signal(sig, lambda s, f: stop.update(signal=s))   # restored below
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def checkpoint():
         rngs = [rng_state()]
@@ -524,9 +529,11 @@ def train(args):
                 last_good = checkpoint() or last_good
         if stop['signal']:
             if rank == 0:
-                print(f'\nstopped by signal {stop["signal"]} at step {step}; checkpoint {last_good}')
+                print(f'\nstopped by {signal.Signals(stop["signal"]).name} at step {step}; checkpoint {last_good}')
             break
     bar.close()
+    for sig, handler in old_handlers.items():                 # in-process callers (bench.py, tests)
+        signal.signal(sig, handler)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
