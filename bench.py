@@ -3,20 +3,62 @@
     python bench.py pipeline   build data -> train a teacher -> distill DE-CM -> sample with the teacher's
                                Euler+CFG and the Euler, CM and Mix samplers -> pixel FD table
                                (results/pipeline.md, results/pipeline.png with sample grids)
+    python bench.py tables     the paper's Table 3 (ablations (a)-(o)) and Table 4 (samplers) in miniature:
+                               one teacher, then every Table 3 variant distilled from it with the same
+                               budget and seed -> results/tables.md (our pixel FD beside the paper's FID),
+                               results/tables.png (FD against NFE) and results/tables_samples/*.png
+    python bench.py speed      iteration and sampling times, peak memory, the DE-CM iteration against the
+                               sum of the passes it cannot avoid -> results/speed.md
 
-Pixel FD: the Frechet distance between 2,000 generated and 2,000 real 16x16 digits, as raw pixel vectors
-(fid.pixel_fd). The teacher is trained here from scratch (`train.py --losses fm --teacher none`).
+Pixel FD: the Frechet distance between 2,000 (tables: --n) generated and as many real 16x16 digits, as raw
+pixel vectors (fid.pixel_fd). It is not FID: only the orderings can be compared with the paper. The teacher
+is trained here from scratch (`train.py --losses fm --teacher none`).
+
+tables. Columns STEP=1, 2, 4 use the CM sampler (1, 2, 4 NFE); STEP=50 is the Euler ODE sampler with 50
+steps (the instantaneous velocity F(x, t, t)); the teacher rows (a) (no CFG) and (b) (CFG, --w-cfg) use
+the teacher's Euler sampler with 1, 2, 4, 50 steps. Rows (h), (j), (n) are the full model (g) under
+another name and reuse its run. Budget: the paper trains 250 epochs of ImageNet; here the whole command
+(11 runs plus about 850 NFE x --n samples of sampling) must fit one hour on 2 CPU cores. Measured on the
+tiny preset at batch 128, 2 threads: a teacher (FM) iteration 0.29 s, CM+FM 0.94 s, the full DE-CM
+iteration (freq 1) 2.1 s, so about 1.3 s at freq 3 and about 11.7 s for one iteration of all ten
+distillation runs; a forward pass costs about 0.8 s per 1,000 samples. The default is therefore
+  --teacher-steps 1500 (pipeline: 2000)   ~7 min
+  --decm-steps 150 per variant (pipeline: 800)  ~29 min for the ten runs
+  --n 1000 samples per FD (pipeline: 2000)  ~12 min of sampling
+and `--quick` (about 5 minutes, same code) uses 200 / 10 / 200. Runs resume (`--resume auto`) and are
+checked against the flags they were made with, so an interrupted `tables` continues where it stopped.
+
+speed. For each preset a random teacher (weights perturbed so that no weight is exactly zero) and its
+student, on random 1x16x16 data with 10 classes: the median time of --repeats runs after a warm-up of a
+teacher-training (FM) iteration, a CM+FM, an N2N+FM, a full (freq 1) and the average freq-3 DE-CM
+iteration (train.train_step itself), and the floor of the latter: the sum of the passes it cannot avoid,
+each timed alone (teacher cond+uncond forward, fused JVP + backward through its primal, FM forward +
+backward, plus 1/freq of the N2N branch: two teacher calls, the N2N JVP + backward, one more FM forward +
+backward). Targets: DE-CM iteration / floor <= 1.15, 1-NFE sampling / one forward pass <= 1.05. Peak
+memory is the extra memory at the peak of one iteration above the state before it (weights, gradients,
+AdamW state): CUDA max_memory_allocated, or on CPU the process's peak resident set (VmHWM, reset through
+/proc/self/clear_refs after malloc_trim), i.e. activations and temporaries as the OS sees them.
 """
+import copy
+import ctypes
+import gc
+import json
+import math
 import os
+import signal
+import statistics
 import sys
 import time
 
-import numpy as np
 import torch
+from tqdm import tqdm
 
+import losses
 import sample
 import train
 from fid import pixel_fd
+from model import DiT, student_from_teacher, count_params
+from teacher import resolve_checkpoint, teacher_velocity
 
 RESULTS = 'results'
 
@@ -38,9 +80,16 @@ def fd_of(model, stats, name, nfe, real, n, args=None, seed=0):
 
 
 def grid_rows(x, y, per_row=10):
-    """One image per class per column: (10 classes x per_row) uint8 HxW grid."""
+    """One image per class per column: (classes x per_row) uint8 HxW grid (black where a class has fewer)."""
     img = sample.to_uint8(x)[..., 0]
-    rows = [torch.cat(list(img[y == c][:per_row]), dim=1) for c in range(10)]
+    classes = sorted(set(y.tolist()))[:10]
+    width = min(per_row, max(int((y == c).sum()) for c in classes))
+    rows = []
+    for c in classes:
+        sel = img[y == c][:width]
+        if len(sel) < width:
+            sel = torch.cat([sel, torch.zeros((width - len(sel),) + sel.shape[1:], dtype=sel.dtype)])
+        rows.append(torch.cat(list(sel), dim=1))
     return torch.cat(rows, dim=0)
 
 
@@ -63,18 +112,96 @@ def save_panels(path, panels):
     os.replace(path + '.tmp.png', path)
 
 
+def write_atomic(path, text):
+    with open(path + '.tmp', 'w') as f:
+        f.write(text)
+    os.replace(path + '.tmp', path)
+
+
+def run_train(argv):
+    """train.main(argv), then the SIGINT/SIGTERM handlers it installs are put back (Ctrl-C works again)."""
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        train.main(argv)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+# ----------------------------------------------------------------------------- pillow line plot
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (0, 0, 0), (120, 120, 255),
+           (0, 110, 90)]
+
+
+def line_plot(path, panels, size=(520, 400), legend_w=200):
+    """panels: [(title, x label, {series name: [(x, y), ...]})]. Log x and log y axes; one line and
+    colour per series, a legend beside each panel. Non-finite or non-positive y are left out. Pillow only."""
+    from PIL import Image, ImageDraw, ImageFont
+    try:
+        font = ImageFont.load_default(size=12)
+    except TypeError:                                          # pillow < 10.1
+        font = ImageFont.load_default()
+    pw, ph = size
+    ml, mr, mt, mb = 58, 12, 28, 42
+    im = Image.new('RGB', (len(panels) * (pw + legend_w), ph), 'white')
+    d = ImageDraw.Draw(im)
+    for k, (title, xlabel, series) in enumerate(panels):
+        ox = k * (pw + legend_w)
+        d.text((ox + ml, 6), title, fill='black', font=font)
+        pts = [(x, y) for s in series.values() for x, y in s if math.isfinite(y) and y > 0]
+        if not pts:
+            d.text((ox + ml, ph // 2), 'no finite values', fill='black', font=font)
+            continue
+        xs = sorted({x for x, _ in pts})
+        lx0, lx1 = math.log(xs[0]), math.log(xs[-1])
+        if lx1 - lx0 < 1e-9:
+            lx0, lx1 = lx0 - 1, lx1 + 1
+        ly0 = math.floor(math.log10(min(y for _, y in pts)))
+        ly1 = math.ceil(math.log10(max(y for _, y in pts)))
+        ly1 = ly1 if ly1 > ly0 else ly0 + 1
+        x0, x1, y0, y1 = ox + ml, ox + pw - mr, ph - mb, mt
+        X = lambda x: x0 + (math.log(x) - lx0) / (lx1 - lx0) * (x1 - x0)
+        Y = lambda y: y0 - (math.log10(y) - ly0) / (ly1 - ly0) * (y0 - y1)
+        for e in range(ly0, ly1 + 1):                          # y grid: 1, 2, 5 x 10^e
+            for m in ((1, 2, 5) if ly1 - ly0 <= 3 else (1,)):
+                v = m * 10.0 ** e
+                if 10.0 ** ly0 <= v <= 10.0 ** ly1:
+                    d.line([(x0, Y(v)), (x1, Y(v))], fill=(225, 225, 225) if m > 1 else (190, 190, 190))
+                    d.text((x0 - 6, Y(v)), f'{v:g}', fill='black', font=font, anchor='rm')
+        for x in xs:                                           # x ticks at the measured NFE
+            d.line([(X(x), y0), (X(x), y1)], fill=(235, 235, 235))
+            d.text((X(x), y0 + 4), f'{x:g}', fill='black', font=font, anchor='mt')
+        d.rectangle([x0, y1, x1, y0], outline='black')
+        d.text(((x0 + x1) / 2, ph - 8), xlabel, fill='black', font=font, anchor='mb')
+        d.text((ox + 4, y1 - 16), 'pixel FD (log)', fill='black', font=font)
+        for i, (name, s) in enumerate(series.items()):
+            col = PALETTE[i % len(PALETTE)]
+            good = [(X(x), Y(y)) for x, y in sorted(s) if math.isfinite(y) and y > 0]
+            if len(good) > 1:
+                d.line(good, fill=col, width=2)
+            for px, py in good:
+                d.ellipse([px - 3, py - 3, px + 3, py + 3], fill=col)
+            ly = mt + 16 * i
+            d.line([(ox + pw + 4, ly + 7), (ox + pw + 24, ly + 7)], fill=col, width=3)
+            d.text((ox + pw + 28, ly), name, fill='black', font=font)
+    im.save(path + '.tmp.png')
+    os.replace(path + '.tmp.png', path)
+
+
+# ----------------------------------------------------------------------------- pipeline
 def pipeline(a):
-    os.makedirs(RESULTS, exist_ok=True)
+    os.makedirs(a.results, exist_ok=True)
     t0 = time.time()
     runs = a.runs
     teacher_dir, decm_dir = os.path.join(runs, 'teacher'), os.path.join(runs, 'decm')
     base = ['--seed', str(a.seed), '--batch', str(a.batch)]
     if not a.skip_teacher:
-        train.main(base + ['--losses', 'fm', '--teacher', 'none', '--out', teacher_dir, '--steps',
+        run_train(base + ['--losses', 'fm', '--teacher', 'none', '--out', teacher_dir, '--steps',
                            str(a.teacher_steps), '--lr', str(a.teacher_lr), '--resume', 'auto'])
     t1 = time.time()
     teacher_ckpt = train.latest_checkpoint(teacher_dir)
-    train.main(base + ['--teacher', teacher_ckpt, '--out', decm_dir, '--steps', str(a.decm_steps),
+    run_train(base + ['--teacher', teacher_ckpt, '--out', decm_dir, '--steps', str(a.decm_steps),
                        '--lr', str(a.decm_lr), '--w-cfg', str(a.w_cfg), '--resume', 'auto'] + a.extra)
     t2 = time.time()
     real2, real_y = real_pixels(2 * a.n)
@@ -99,7 +226,7 @@ def pipeline(a):
                 panels.append((f'DE-CM {name} {nfe} NFE', grid_rows(x, y)))
     t3 = time.time()
     panels.insert(0, ('real data', grid_rows(real, real_y[:a.n])))
-    save_panels(os.path.join(RESULTS, 'pipeline.png'), panels)
+    save_panels(os.path.join(a.results, 'pipeline.png'), panels)
     fd_t50 = [fd for n_, k, fd in rows if n_.startswith('teacher') and k == 50][0]
     fd_t1 = [fd for n_, k, fd in rows if n_.startswith('teacher') and k == 1][0]
     fd_d1 = [fd for n_, k, fd in rows if n_ == 'DE-CM cm' and k == 1][0]
@@ -112,16 +239,488 @@ def pipeline(a):
               f'({a.decm_steps} steps), sampling and FD {t3 - t2:.0f} s; total {t3 - t0:.0f} s '
               f'on {torch.get_num_threads()} threads.',
               f'Command: python bench.py pipeline {" ".join(sys.argv[2:])}']
-    with open(os.path.join(RESULTS, 'pipeline.md'), 'w') as f:
-        f.write('\n'.join(lines) + '\n')
+    write_atomic(os.path.join(a.results, 'pipeline.md'), '\n'.join(lines) + '\n')
     print('\n'.join(lines))
 
 
+# ----------------------------------------------------------------------------- tables (Table 3 and 4)
+# Table 3 of the paper: (key, section, method, train.py flags of the variant or the key of the run it is).
+TABLE3 = [
+    ('a', 'Training Objectives', 'Baseline Teacher', None),
+    ('b', 'Training Objectives', 'Baseline Teacher (w = 1.75)', None),
+    ('c', 'Training Objectives', 'Flow Matching (FM)', ['--losses', 'fm']),
+    ('d', 'Training Objectives', 'CMs Distillation (CD)', ['--losses', 'cm']),
+    ('e', 'Training Objectives', 'FM + CD', ['--losses', 'fm,cm']),
+    ('f', 'Training Objectives', 'FM + Noise-to-Noisy (N2N) Transmission', ['--losses', 'fm,n2n']),
+    ('g', 'Training Objectives', 'FM + CD + N2N', ['--losses', 'fm,cm,n2n']),
+    ('h', 'Velocity Normalization', 'W/ Velocity Normalization (Ours)', 'g'),
+    ('i', 'Velocity Normalization', 'W/O Velocity Normalization', ['--losses', 'fm,cm,n2n', '--no-vnorm']),
+    ('j', 'Timestep Scheduling', 'uniform-with-N-seg (Ours)', 'g'),
+    ('k', 'Timestep Scheduling', 'arctan-norm', ['--losses', 'fm,cm,n2n', '--schedule', 'arctan']),
+    ('l', 'Timestep Scheduling', 'log-norm', ['--losses', 'fm,cm,n2n', '--schedule', 'logit-normal']),
+    ('m', 'Frequency Hyperparameter', 'freq = 1', ['--losses', 'fm,cm,n2n', '--freq', '1']),
+    ('n', 'Frequency Hyperparameter', 'freq = 3 (Ours)', 'g'),
+    ('o', 'Frequency Hyperparameter', 'freq = 5', ['--losses', 'fm,cm,n2n', '--freq', '5']),
+]
+# The paper's FID on ImageNet-256 (Table 3: STEP = 1, 2, 4, 50; Table 4: NFE = 4, 8, 12, 16).
+PAPER_T3 = {
+    'a': (309.51, 230.79, 111.59, 2.77), 'b': (262.60, 221.03, 87.56, 1.59), 'c': (263.86, 220.55, 87.93, 1.45),
+    'd': (3.08, 2.50, 2.54, 6.52), 'e': (1.78, 1.41, 1.62, 1.78), 'f': (441.66, 297.28, 132.60, 1.41),
+    'g': (1.70, 1.33, 1.41, 1.26), 'h': (1.70, 1.33, 1.41, 1.26), 'i': (1.75, 1.30, 1.43, 1.35),
+    'j': (1.70, 1.33, 1.41, 1.26), 'k': (1.74, 1.36, 1.62, 1.45), 'l': (1.83, 1.45, 1.67, 1.41),
+    'm': (1.72, 1.48, 1.77, 1.45), 'n': (1.70, 1.33, 1.41, 1.26), 'o': (1.74, 1.34, 1.52, 1.37)}
+T3_STEPS = (1, 2, 4, 50)
+T4_NFE = (4, 8, 12, 16)
+PAPER_T4 = [('euler', 'Euler ODE Sampler', (76.15, 8.26, 3.61, 2.38)),
+            ('cm', 'Consistency Model Sampler', (1.56, 2.37, 3.00, 3.72)),
+            ('mix', 'Mix Sampler', (1.41, 1.51, 1.53, 1.42))]
+SHORT = {'a': 'teacher', 'b': 'teacher + CFG', 'c': 'FM', 'd': 'CD', 'e': 'FM+CD', 'f': 'FM+N2N',
+         'g': 'FM+CD+N2N (=h,j,n)', 'i': 'no vnorm', 'k': 'arctan', 'l': 'logit-normal', 'm': 'freq 1',
+         'o': 'freq 5'}
+# Settings that do not change what a run computes (checked when an existing run folder is reused).
+RUN_FLAGS_IGNORED = {'steps', 'resume', 'loss_set', 'log_every', 'ckpt_every', 'keep', 'workers', 'nan_patience'}
+
+
+def table3_sampler(key, step):
+    """The sampler of one Table 3 cell: teachers use their Euler sampler, students the CM sampler at
+    1/2/4 NFE and the Euler ODE sampler at 50 (the paper's STEP=50 column)."""
+    if key in ('a', 'b'):
+        return 'teacher'
+    return 'euler' if step == 50 else 'cm'
+
+
+def check_run(out, argv, steps):
+    """An existing run in `out` must have been made with the same train.py flags (all but --steps) and
+    no more than `steps` iterations; otherwise resuming it would mix two experiments."""
+    last = train.latest_checkpoint(out)
+    if last is None or not os.path.exists(last):
+        return
+    ckpt = train.load_student_checkpoint(last)
+    want = {k: v for k, v in vars(train.parse_args(argv)).items() if k not in RUN_FLAGS_IGNORED}
+    have = ckpt['args']
+    diff = [f'--{k.replace("_", "-")} {have.get(k)!r} there, {v!r} now' for k, v in want.items()
+            if have.get(k) != v]
+    if diff:
+        raise ValueError(f'{out} holds a run made with other settings ({"; ".join(diff[:3])}): give another '
+                         f'--runs folder or delete it')
+    if ckpt['step'] > steps:
+        raise ValueError(f'{out} holds a run of {ckpt["step"]} iterations, more than the {steps} asked for: '
+                         f'give another --runs folder or delete it')
+
+
+def tables(a):
+    quick = a.quick
+    a.teacher_steps = a.teacher_steps or (200 if quick else 1500)
+    a.decm_steps = a.decm_steps or (10 if quick else 150)
+    a.n = a.n or (200 if quick else 1000)
+    a.runs = a.runs or ('runs/tables-quick' if quick else 'runs/tables')
+    name = 'tables_quick' if quick else 'tables'
+    os.makedirs(a.results, exist_ok=True)
+    if a.n < 2:
+        raise ValueError(f'--n {a.n}: need at least 2 samples per FD')
+    data = ['--data', a.data] if a.data else []
+    base = ['--seed', str(a.seed), '--batch', str(a.batch)] + data
+    runs = {k: flags for k, _, _, flags in TABLE3 if isinstance(flags, list)}
+    same = {k: flags for k, _, _, flags in TABLE3 if isinstance(flags, str)}
+    t0 = time.time()
+    times = {}
+
+    # 1. the teacher, then every distinct variant from it (same budget, same seed)
+    jobs = (0 if a.teacher else 1) + len(runs)
+    bar = tqdm(total=jobs, desc='tables: training', dynamic_ncols=True)
+    if a.teacher:
+        teacher_ckpt = resolve_checkpoint(a.teacher)
+    else:
+        teacher_dir = os.path.join(a.runs, 'teacher')
+        argv = base + ['--losses', 'fm', '--teacher', 'none', '--out', teacher_dir, '--steps',
+                       str(a.teacher_steps), '--lr', str(a.teacher_lr), '--resume', 'auto']
+        check_run(teacher_dir, argv, a.teacher_steps)
+        bar.set_description('tables: training the teacher')
+        t = time.time()
+        run_train(argv)
+        times['teacher'] = time.time() - t
+        bar.update(1)
+        teacher_ckpt = train.latest_checkpoint(teacher_dir)
+    run_dirs = {}
+    for key, flags in runs.items():
+        out = os.path.join(a.runs, key)
+        argv = base + ['--teacher', teacher_ckpt, '--out', out, '--steps', str(a.decm_steps), '--lr',
+                       str(a.decm_lr), '--w-cfg', str(a.w_cfg), '--resume', 'auto'] + flags
+        check_run(out, argv, a.decm_steps)
+        bar.set_description(f'tables: training ({key}) {" ".join(flags)}')
+        t = time.time()
+        run_train(argv)
+        times[key] = time.time() - t
+        bar.update(1)
+        run_dirs[key] = out
+    bar.close()
+    t1 = time.time()
+
+    # 2. pixel FD of every cell (Table 3 rows, Table 4 for (g)); grids of a few cells per row
+    real2, real_y = real_pixels(2 * a.n, a.data)
+    real, real_y = real2[:a.n], real_y[:a.n]
+    floor = pixel_fd(real2[a.n:].numpy(), real.numpy()) if len(real2) >= a.n + 2 else float('nan')
+    teacher, t_stats, _ = sample.load_model(teacher_ckpt)
+    if t_stats is None:
+        raise ValueError(f'{teacher_ckpt} has no data statistics: tables needs a teacher trained by train.py')
+    models = {k: sample.load_model(d) for k, d in run_dirs.items()}
+    cells = [(k, table3_sampler(k, s), s) for k in ['a', 'b'] + list(runs) for s in T3_STEPS]
+    cells += [('g', smp, nfe) for smp, _, _ in PAPER_T4 for nfe in T4_NFE]
+    cells = list(dict.fromkeys(cells))                         # (g, cm, 4) is in both tables
+    fd, panels = {}, {k: [('real data', grid_rows(real, real_y))] for k in ['a', 'b'] + list(runs)}
+    panels['table4'] = [('real data', grid_rows(real, real_y))]
+    for key, smp, nfe in tqdm(cells, desc='tables: sampling + FD', dynamic_ncols=True):
+        if key in ('a', 'b'):
+            targs = type('A', (), dict(cfg=1.0 if key == 'a' else a.w_cfg, cfg_interval_start=0.0, shift=0.0))
+            fd[key, smp, nfe], x, y = fd_of(teacher, t_stats, 'teacher', nfe, real, a.n, targs, a.seed)
+        else:
+            model, stats, _ = models[key]
+            fd[key, smp, nfe], x, y = fd_of(model, stats, smp, nfe, real, a.n, None, a.seed)
+        if nfe in T3_STEPS and smp == table3_sampler(key, nfe):     # a Table 3 cell
+            panels[key].append((f'{smp} {nfe}', grid_rows(x, y)))
+        if key == 'g' and nfe in (4, 16):
+            panels['table4'].append((f'{smp} {nfe}', grid_rows(x, y)))
+    t2 = time.time()
+
+    # 3. results: markdown, plot, sample grids, raw numbers
+    sample_dir = os.path.join(a.results, name + '_samples')
+    os.makedirs(sample_dir, exist_ok=True)
+    for key, p in panels.items():
+        save_panels(os.path.join(sample_dir, f'{key}.png'), p)
+    run_of = lambda k: same.get(k, k)
+    row3 = lambda k: [fd[run_of(k), table3_sampler(k, s), s] for s in T3_STEPS]
+    plot3 = {f'({k}) {SHORT[k]}': list(zip(T3_STEPS, row3(k))) for k in ['a', 'b'] + list(runs)}
+    plot4 = {label: [(n, fd['g', smp, n]) for n in T4_NFE] for smp, label, _ in PAPER_T4}
+    line_plot(os.path.join(a.results, name + '.png'), [
+        ('Table 3: CM sampler at 1/2/4 NFE, Euler ODE at 50', 'NFE (teachers: Euler steps)', plot3),
+        ('Table 4, full model (g): samplers', 'NFE', plot4)])
+    f2 = lambda v: f'{v:.2f}' if math.isfinite(v) else 'nan'
+    lines = [f'# Table 3 and Table 4 in miniature{" (--quick)" if quick else ""}: pixel FD on the '
+             f'{"built-in digits" if not a.data else a.data}', '',
+             f'Ours: pixel FD (fid.pixel_fd, {a.n} generated vs {a.n} real images, raw pixels; not FID, so '
+             f'compare orderings, not values). Paper: FID on ImageNet-256 (Tables 3 and 4 of the paper). '
+             f'Two sets of real data give a pixel FD of {f2(floor)} (the floor at this n).', '',
+             f'Samplers: STEP=1, 2, 4 is the CM sampler with 1, 2, 4 NFE; STEP=50 is the Euler ODE sampler '
+             f'(F(x, t, t)) with 50 steps. Rows (a), (b): the teacher\'s Euler sampler with 1, 2, 4, 50 steps, '
+             f'(a) without CFG, (b) with CFG w = {a.w_cfg:g} (the paper\'s (b) uses w = 1.75; one step of (b) '
+             f'is one batched cond+uncond call). Rows (h), (j), (n) are the run of (g).', '',
+             '## Table 3', '',
+             '| Method | STEP=1 | STEP=2 | STEP=4 | STEP=50 | paper 1 | paper 2 | paper 4 | paper 50 |',
+             '|---|---|---|---|---|---|---|---|---|']
+    section = None
+    for key, sec, method, flags in TABLE3:
+        if sec != section:
+            lines.append(f'| **{sec}** | | | | | | | | |')
+            section = sec
+        label = f'({key}) {method}' + (f' (= ({flags}))' if isinstance(flags, str) else '')
+        if key == 'b':
+            label = f'(b) Baseline Teacher (w = {a.w_cfg:g}; paper 1.75)'
+        lines.append(f'| {label} | ' + ' | '.join(f2(v) for v in row3(key)) + ' | '
+                     + ' | '.join(f'{v:.2f}' for v in PAPER_T3[key]) + ' |')
+    lines += ['', '## Table 4 (the full model (g))', '',
+              '| Sampling Method | NFE=4 | NFE=8 | NFE=12 | NFE=16 | paper 4 | paper 8 | paper 12 | paper 16 |',
+              '|---|---|---|---|---|---|---|---|---|']
+    for smp, label, paper in PAPER_T4:
+        lines.append(f'| {label} | ' + ' | '.join(f2(fd['g', smp, n]) for n in T4_NFE) + ' | '
+                     + ' | '.join(f'{v:.2f}' for v in paper) + ' |')
+    mix = 'half of the NFE as deterministic flow-map steps up to t = 0.5, then CM steps (sample.py defaults)'
+    budget = (f'teacher {a.teacher_steps} FM iterations (lr {a.teacher_lr:g}), each variant {a.decm_steps} '
+              f'DE-CM iterations (lr {a.decm_lr:g}, CFG w {a.w_cfg:g}), batch {a.batch}, seed {a.seed}'
+              if not a.teacher else f'teacher {teacher_ckpt} (given), each variant {a.decm_steps} DE-CM '
+              f'iterations (lr {a.decm_lr:g}, CFG w {a.w_cfg:g}), batch {a.batch}, seed {a.seed}')
+    lines += ['', f'Mix sampler: {mix}.', '',
+              f'Budget: {budget}. The paper trains 250 epochs on ImageNet; the default here (1500 teacher and '
+              f'150 DE-CM iterations per variant, n = 1000; pipeline: 2000 / 800 / 2000) is cut so that the '
+              f'whole command fits one hour on 2 CPU cores; `--quick` uses 200 / 10 / 200. At this budget the '
+              f'students have moved little from the teacher, so the rows compare the first steps of training.',
+              f'Time: training {t1 - t0:.0f} s (' + ', '.join(f'{k} {v:.0f} s' for k, v in times.items())
+              + f'), sampling and FD {t2 - t1:.0f} s; total {time.time() - t0:.0f} s on '
+              f'{torch.get_num_threads()} threads.',
+              f'Runs: {a.runs}/<row>. Plot: {name}.png. Sample grids: {name}_samples/<row>.png '
+              f'(rows: classes; panels: the cells of the row) and {name}_samples/table4.png.',
+              f'Command: python bench.py {a.command}']
+    write_atomic(os.path.join(a.results, name + '.md'), '\n'.join(lines) + '\n')
+    raw = {'floor': floor, 'n': a.n, 'teacher': teacher_ckpt,
+           'fd': [{'row': k, 'sampler': s, 'nfe': n, 'fd': v} for (k, s, n), v in fd.items()]}
+    write_atomic(os.path.join(a.results, name + '.json'), json.dumps(raw, indent=1) + '\n')
+    print('\n'.join(lines))
+
+
+# ----------------------------------------------------------------------------- speed
+def _status_kb(key):
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith(key + ':'):
+                return int(line.split()[1])
+    raise OSError(f'no {key} in /proc/self/status')
+
+
+def peak_extra_bytes(fn, dev):
+    """Extra memory at the peak of fn() above what is in use just before it, or None if it cannot be
+    measured. CUDA: max_memory_allocated. CPU (Linux): the peak resident set VmHWM, reset to the current
+    resident set through /proc/self/clear_refs after glibc's malloc_trim has handed freed pages back (so
+    that reusing them does not hide an allocation)."""
+    gc.collect()
+    if dev.type == 'cuda':
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        fn()
+        torch.cuda.synchronize(dev)
+        return torch.cuda.max_memory_allocated(dev) - base
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')                                       # VmHWM := VmRSS (Linux >= 4.0)
+        base = _status_kb('VmRSS')
+    except OSError:
+        return None
+    fn()
+    return (_status_kb('VmHWM') - base) * 1024
+
+
+def timed(fn, repeats, dev, warmup=1):
+    """Median wall time of `repeats` calls of fn after `warmup` calls (CUDA: synchronised)."""
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == 'cuda' else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def profile_table(fn, dev, rows=15):
+    """torch.profiler's top ops of one call of fn, by self time (CPU; CUDA too on a GPU)."""
+    from torch.profiler import profile, ProfilerActivity
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == 'cuda' else [])
+    with profile(activities=acts) as prof:
+        fn()
+        if dev.type == 'cuda':
+            torch.cuda.synchronize(dev)
+    key = 'self_cuda_time_total' if dev.type == 'cuda' else 'self_cpu_time_total'
+    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=40)
+
+
+def speed_preset(preset, a, dev, bar):
+    """All measurements of one preset (see the docstring). Returns a dict of seconds / bytes / ratios."""
+    torch.manual_seed(a.seed)
+    B, C, H, K = a.batch, 1, 16, 10
+    teacher = DiT(preset, in_channels=C, input_size=H, num_classes=K, s_embed=False)
+    with torch.no_grad():                                      # adaLN-Zero and the output layer start at 0
+        for p in teacher.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    teacher = teacher.to(dev).eval().requires_grad_(False)
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == 'cuda')   # train.py's --amp auto
+    x_ref = torch.randn(B, C, H, H, device=dev)
+    y = torch.randint(0, K, (B,), device=dev)
+    res = {'params': count_params(student_from_teacher(teacher))}
+    step = lambda name: (bar.set_description(f'speed {preset}: {name}'), bar.update(1))
+
+    def trainer(argv, with_teacher=True):
+        """A fresh model, EMA and AdamW as train.py builds them, and one train_step call per fn()."""
+        args = train.parse_args(argv + (['--teacher', 'given'] if with_teacher else
+                                        ['--teacher', 'none', '--preset', preset]))
+        model = (student_from_teacher(teacher) if with_teacher else
+                 DiT(preset, in_channels=C, input_size=H, num_classes=K, s_embed=False).to(dev)).train()
+        ema = copy.deepcopy(model).requires_grad_(False)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                                betas=(0.9, args.beta2), weight_decay=args.weight_decay, fused=dev.type == 'cuda')
+        state = {'it': 0}
+
+        def fn(block=1):
+            for _ in range(block):
+                train.train_step(model, ema, teacher if with_teacher else None, opt, (x_ref, y), state['it'],
+                                 args, 1, autocast)
+                state['it'] += 1
+        return fn, args
+
+    # 1. whole iterations (train.train_step), time and peak extra memory
+    its = [('fm', ['--losses', 'fm'], False, 1), ('cm_fm', ['--losses', 'fm,cm'], True, 1),
+           ('n2n_fm', ['--losses', 'fm,n2n', '--freq', '1'], True, 1), ('decm_f1', ['--freq', '1'], True, 1),
+           ('decm', ['--freq', str(a.freq)], True, a.freq)]
+    for name, argv, with_teacher, block in its:
+        fn, _ = trainer(argv, with_teacher)
+        run = (lambda fn=fn, block=block: fn(block))
+        res[name] = timed(run, a.repeats, dev) / block
+        res[name + '_mem'] = peak_extra_bytes(run, dev)
+        step(name)
+        if name == 'decm':
+            decm_block = run
+
+    # 2. the floor: the passes a DE-CM iteration cannot avoid, each timed alone
+    args = train.parse_args(['--teacher', 'given', '--freq', str(a.freq)])
+    student = student_from_teacher(teacher).train()
+    params = [p for p in student.parameters() if p.requires_grad]
+    z = torch.randn_like(x_ref)
+    t = train.sample_t(B, args, dev)
+    r = torch.minimum(torch.rand(B, device=dev) * args.r_max, t)
+    x_t = (1 - losses.bcast(t, z)) * z + losses.bcast(t, z) * x_ref
+    x_r = (1 - losses.bcast(r, z)) * z + losses.bcast(r, z) * x_ref
+    with torch.no_grad(), autocast:
+        v = teacher_velocity(teacher, x_t, t, y, w_cfg=args.w_cfg, eta=args.eta, vnorm=args.vnorm).float()
+    one, zero = torch.ones_like(t), torch.zeros_like(t)
+    x2, t2, y2 = torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, K)])
+
+    def teacher_pass():                                        # Alg.1 l.5 (and l.20, and v_psi at pred)
+        with torch.no_grad(), autocast:
+            teacher(x2, t2, None, y2)
+
+    def jvp_backward(x, a_, b_, tangents):                     # Alg.1 l.8 / l.22 + backward of the loss
+        student.zero_grad(set_to_none=True)
+        out, _ = losses.model_jvp(student, x, a_, b_, y, tangents, fused=True)
+        out.float().square().mean().backward()
+
+    def fm_pass():                                             # Alg.1 l.13 / l.26 + backward
+        student.zero_grad(set_to_none=True)
+        with autocast:
+            out = student(x_t, t, t, y)
+        out.float().square().mean().backward()
+
+    res['teacher_pass'] = timed(teacher_pass, a.repeats, dev)
+    res['cm_jvp'] = timed(lambda: jvp_backward(x_t, t, one, (v, one, zero)), a.repeats, dev)
+    res['fm_pass'] = timed(fm_pass, a.repeats, dev)
+    res['n2n_jvp'] = timed(lambda: jvp_backward(x_r, r, t, (args.lam * v, torch.full_like(r, args.lam),
+                                                            torch.full_like(t, -args.gam))), a.repeats, dev)
+    f = a.freq
+    res['floor'] = (res['teacher_pass'] * (1 + 2 / f) + res['cm_jvp'] + res['fm_pass'] * (1 + 1 / f)
+                    + res['n2n_jvp'] / f)
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, args.beta2), fused=dev.type == 'cuda')
+    ema_params = [p.detach().clone() for p in params]
+    fm_pass()                                                  # gradients to step with
+
+    def update():                                              # train.update after its backward
+        g = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        if bool(torch.isfinite(g)):
+            opt.step()
+        torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1 - args.ema)
+    res['update'] = timed(update, a.repeats, dev)
+    step('floor')
+
+    # 3. sampling: one forward pass, the CM sampler, the teacher's 50-step Euler + CFG
+    student.eval()
+    zs = torch.randn(B, C, H, H, device=dev)
+    zero_t, one_s = torch.zeros(B, device=dev), torch.ones(B, device=dev)
+
+    def forward():
+        with torch.no_grad():
+            student(zs, zero_t, one_s, y)
+    res['forward'] = timed(forward, a.repeats, dev)
+    for nfe in (1, 2, 4):
+        res[f'cm{nfe}'] = timed(lambda: sample.cm_sampler(student, zs, y, nfe), a.repeats, dev)
+    res['teacher50'] = timed(lambda: sample.teacher_sampler(teacher, zs, y, 50, a.w_cfg), 1, dev, warmup=0)
+    step('sampling')
+
+    res['ratio_floor'] = res['decm'] / res['floor']
+    res['ratio_floor_upd'] = res['decm'] / (res['floor'] + (1 + 1 / f) * res['update'])
+    res['ratio_fm'] = res['decm'] / res['fm']
+    res['ratio_sample'] = res['cm1'] / res['forward']
+    res['profile'] = []
+    if res['ratio_floor'] > 1.15:
+        res['profile'].append((f'one block of {f} DE-CM iterations (freq {f})', profile_table(decm_block, dev)))
+    if res['ratio_sample'] > 1.05:
+        res['profile'].append(('CM sampler, 1 NFE', profile_table(lambda: sample.cm_sampler(student, zs, y, 1), dev)))
+        res['profile'].append(('one forward pass', profile_table(forward, dev)))
+    step('profile')
+    return res
+
+
+def speed(a):
+    if a.batch < 1 or a.repeats < 1 or a.freq < 1:
+        raise ValueError('--batch, --repeats and --freq must be at least 1')
+    dev = torch.device('cuda' if a.device == 'auto' and torch.cuda.is_available() else
+                       ('cpu' if a.device == 'auto' else a.device))
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
+    if dev.type == 'cuda':                                     # as train.py
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    os.makedirs(a.results, exist_ok=True)
+    bar = tqdm(total=8 * len(a.presets), desc='speed', dynamic_ncols=True)
+    out = {p: speed_preset(p, a, dev, bar) for p in a.presets}
+    bar.close()
+    where = (torch.cuda.get_device_name(dev) if dev.type == 'cuda' else
+             f'CPU, {torch.get_num_threads()} threads')
+    ms = lambda s: f'{1e3 * s:.1f}'
+    mb = lambda b: 'n/a' if b is None else f'{b / 2 ** 20:.1f}'
+    ok = lambda v, target: f'{v:.3f} ({"meets" if v <= target else "misses"} <= {target})'
+    f = a.freq
+    lines = [f'# Speed: DE-CM iterations and sampling on {where}', '',
+             f'Batch {a.batch}, random 1x16x16 data with 10 classes, random teacher (weights perturbed so that '
+             f'none is exactly zero) and its student; median of {a.repeats} runs after one warm-up '
+             f'(the teacher\'s 50-step sampler: one run). torch {torch.__version__}, '
+             f'{"bf16 autocast (train.py on CUDA)" if dev.type == "cuda" else "fp32"}.', '',
+             '## Summary', '',
+             '| preset | params | FM iteration (ms) | DE-CM iteration, freq 3 avg (ms) | floor (ms) '
+             '| DE-CM / floor | DE-CM / FM | 1-NFE sampling / forward | teacher 50-step CFG / DE-CM 1 NFE |',
+             '|---|---|---|---|---|---|---|---|---|']
+    for p, r in out.items():
+        lines.append(f'| {p} | {r["params"] / 1e6:.2f}M | {ms(r["fm"])} | {ms(r["decm"])} | {ms(r["floor"])} | '
+                     f'{ok(r["ratio_floor"], 1.15)} | {r["ratio_fm"]:.2f} | {ok(r["ratio_sample"], 1.05)} | '
+                     f'{r["teacher50"] / r["cm1"]:.0f}x |')
+    for p, r in out.items():
+        lines += ['', f'## {p}', '', '| measurement | time (ms) | peak extra memory (MiB) |', '|---|---|---|',
+                  f'| FM iteration (teacher training: fm_loss forward + backward, AdamW, EMA) | {ms(r["fm"])} | '
+                  f'{mb(r["fm_mem"])} |',
+                  f'| CM+FM iteration (`--losses fm,cm`) | {ms(r["cm_fm"])} | {mb(r["cm_fm_mem"])} |',
+                  f'| N2N+FM iteration (`--losses fm,n2n --freq 1`: the FM update, then the N2N branch) | '
+                  f'{ms(r["n2n_fm"])} | {mb(r["n2n_fm_mem"])} |',
+                  f'| DE-CM iteration at freq 1 (both updates every iteration) | {ms(r["decm_f1"])} | '
+                  f'{mb(r["decm_f1_mem"])} |',
+                  f'| **DE-CM iteration at freq {f}** (average over {f} consecutive iterations; memory: their peak)'
+                  f' | {ms(r["decm"])} | {mb(r["decm_mem"])} |',
+                  f'| floor part: teacher cond + uncond forward (batched 2B, no grad) | {ms(r["teacher_pass"])} | |',
+                  f'| floor part: CM JVP (fused) + backward through its primal | {ms(r["cm_jvp"])} | |',
+                  f'| floor part: FM forward + backward | {ms(r["fm_pass"])} | |',
+                  f'| floor part: N2N JVP (fused) + backward | {ms(r["n2n_jvp"])} | |',
+                  f'| **floor** = teacher x (1 + 2/{f}) + CM JVP + FM x (1 + 1/{f}) + N2N JVP / {f} | '
+                  f'{ms(r["floor"])} | |',
+                  f'| optimizer update (grad clip, AdamW, EMA; not in the floor) | {ms(r["update"])} | |',
+                  f'| one forward pass (no grad) | {ms(r["forward"])} | |',
+                  f'| CM sampler, 1 / 2 / 4 NFE | {ms(r["cm1"])} / {ms(r["cm2"])} / {ms(r["cm4"])} | |',
+                  f'| teacher Euler + CFG, 50 steps (one batched cond + uncond call per step) | '
+                  f'{ms(r["teacher50"])} | |', '',
+                  f'- DE-CM iteration / floor = {ok(r["ratio_floor"], 1.15)}; / (floor + {1 + 1 / f:.2f} optimizer '
+                  f'updates) = {r["ratio_floor_upd"]:.3f}; / FM iteration = {r["ratio_fm"]:.2f}.',
+                  f'- 1-NFE sampling / one forward pass = {ok(r["ratio_sample"], 1.05)}.',
+                  f'- teacher 50-step CFG sampling / DE-CM 1, 2, 4 NFE = {r["teacher50"] / r["cm1"]:.0f}x, '
+                  f'{r["teacher50"] / r["cm2"]:.0f}x, {r["teacher50"] / r["cm4"]:.0f}x.']
+    lines += ['', 'Floor: the teacher call at t (l.5), the CM JVP whose primal is the CM output (l.8, backward of '
+              'its loss), the FM forward + backward (l.13), and every freq-th iteration the N2N branch: the '
+              'teacher at r (l.20) and at the predicted point (Eq. 13, our default --vpsi pred; same cost as the '
+              'first teacher call, timed once), the N2N JVP + backward (l.22) and the second FM forward + '
+              'backward (l.26). The optimizer updates are left out of the floor and shown separately.',
+              'Peak extra memory: ' + ('torch.cuda.max_memory_allocated above the memory allocated before the '
+                                       'iteration.' if dev.type == 'cuda' else
+                                       'the growth of the process\'s peak resident set (VmHWM, reset through '
+                                       '/proc/self/clear_refs after malloc_trim) during one more iteration, '
+                                       'above its state before it (weights, gradients, AdamW state): activations '
+                                       'and temporaries as the OS sees them, including allocator slack.'),
+              f'Command: python bench.py {a.command}']
+    for p, r in out.items():
+        for title, table in r['profile']:
+            lines += ['', f'## Profile ({p}): {title}, top ops by self '
+                      f'{"CUDA" if dev.type == "cuda" else "CPU"} time', '', '```', table.rstrip(), '```']
+    write_atomic(os.path.join(a.results, 'speed.md'), '\n'.join(lines) + '\n')
+    raw = {p: {k: v for k, v in r.items() if k != 'profile'} for p, r in out.items()}
+    write_atomic(os.path.join(a.results, 'speed.json'), json.dumps(raw, indent=1) + '\n')
+    print('\n'.join(lines))
+
+
+# ----------------------------------------------------------------------------- command line
 def main(argv=None):
     ap = train.cli_parser(__doc__)
     sub = ap.add_subparsers(dest='cmd', required=True)
     p = sub.add_parser('pipeline', help='the whole miniature pipeline with an FD table')
     p.add_argument('--runs', default='runs', help='folder for the teacher and DE-CM runs')
+    p.add_argument('--results', default=RESULTS, help='folder for pipeline.md and pipeline.png')
     p.add_argument('--teacher-steps', type=int, default=2000, help='teacher flow-matching iterations')
     p.add_argument('--teacher-lr', type=float, default=1e-3, help='teacher learning rate')
     p.add_argument('--skip-teacher', action='store_true', help='reuse RUNS/teacher as it is')
@@ -132,9 +731,44 @@ def main(argv=None):
     p.add_argument('--n', type=int, default=2000, help='samples per FD')
     p.add_argument('--seed', type=int, default=0, help='seed of both runs')
     p.add_argument('extra', nargs='*', help='more train.py flags for the DE-CM run (after --)')
+
+    p = sub.add_parser('tables', help="the paper's Table 3 (a)-(o) and Table 4 in miniature")
+    p.add_argument('--quick', action='store_true', help='about 5 minutes: 200 teacher and 10 DE-CM iterations, '
+                   'n = 200 (flags given explicitly win); writes tables_quick.*')
+    p.add_argument('--runs', default=None, help='folder for the teacher and the variant runs '
+                   '(default runs/tables, with --quick runs/tables-quick)')
+    p.add_argument('--results', default=RESULTS, help='folder for tables.md, tables.png, tables.json and '
+                   'tables_samples/')
+    p.add_argument('--data', default=None, help='latents folder for training and for the real images '
+                   '(default: the built-in digits)')
+    p.add_argument('--teacher', default=None, help='use this teacher checkpoint (file or run folder) '
+                   'instead of training one')
+    p.add_argument('--teacher-steps', type=int, default=None, help='teacher flow-matching iterations '
+                   '(default 1500, quick 200)')
+    p.add_argument('--teacher-lr', type=float, default=1e-3, help='teacher learning rate')
+    p.add_argument('--decm-steps', type=int, default=None, help='DE-CM iterations of every variant '
+                   '(default 150, quick 10)')
+    p.add_argument('--decm-lr', type=float, default=3e-4, help='DE-CM learning rate of every variant')
+    p.add_argument('--w-cfg', type=float, default=2.0, help='CFG weight: distillation and row (b)')
+    p.add_argument('--batch', type=int, default=128, help='batch size of every run')
+    p.add_argument('--n', type=int, default=None, help='samples per FD (default 1000, quick 200)')
+    p.add_argument('--seed', type=int, default=0, help='seed of every run and of the sampling noise')
+
+    p = sub.add_parser('speed', help='iteration and sampling times, memory, DE-CM iteration vs its floor')
+    p.add_argument('--presets', nargs='+', default=['tiny', 'small'], choices=list(train.PRESETS),
+                   help='model presets to measure')
+    p.add_argument('--batch', type=int, default=128, help='batch size of the iterations and of sampling')
+    p.add_argument('--repeats', type=int, default=5, help='timed runs per measurement (the median is kept)')
+    p.add_argument('--threads', type=int, default=0, help='torch.set_num_threads (0: leave the default)')
+    p.add_argument('--freq', type=int, default=3, help='N2N every freq iterations for the average iteration')
+    p.add_argument('--w-cfg', type=float, default=2.0, help='CFG weight of the teacher (distillation, sampler)')
+    p.add_argument('--device', default='auto', help='auto, cpu or cuda')
+    p.add_argument('--seed', type=int, default=0, help='seed of the random models and data')
+    p.add_argument('--results', default=RESULTS, help='folder for speed.md and speed.json')
     a = ap.parse_args(argv)
+    a.command = ' '.join(sys.argv[1:] if argv is None else argv)
     try:
-        {'pipeline': pipeline}[a.cmd](a)
+        {'pipeline': pipeline, 'tables': tables, 'speed': speed}[a.cmd](a)
     except ValueError as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)

@@ -38,7 +38,6 @@ under no_grad and a separate forward for the loss.
 import torch
 import torch.nn.functional as F
 from torch.func import jvp
-from torch.nn.attention import sdpa_kernel, SDPBackend
 
 
 def adaptive_l2(pred, target, p=0.5, c=1e-3):
@@ -52,10 +51,10 @@ def bcast(t, x):
 
 
 def model_jvp(model, x, t, s, y, tangents, fused=True):
-    """(F(x, t, s, y), dF along tangents=(dx, dt, ds)), in fp32 with math attention (forward-mode AD
-    has no rule for the fused SDPA kernels). fused=True keeps the primal differentiable."""
-    fn = lambda x_, t_, s_: model(x_, t_, s_, y)
-    with sdpa_kernel(SDPBackend.MATH), torch.autocast(x.device.type, enabled=False):
+    """(F(x, t, s, y), dF along tangents=(dx, dt, ds)), in fp32 with explicit softmax attention
+    (forward-mode AD has no rule for the fused SDPA kernels). fused=True keeps the primal differentiable."""
+    fn = lambda x_, t_, s_: model(x_, t_, s_, y, explicit_attention=True)
+    with torch.autocast(x.device.type, enabled=False):
         if fused:
             out, dout = jvp(fn, (x, t, s), tangents)
             return out, dout.detach()                          # the tangent is a constant of the loss
