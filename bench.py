@@ -21,12 +21,14 @@ another name and reuse its run. Budget: the paper trains 250 epochs of ImageNet;
 (11 runs plus about 850 NFE x --n samples of sampling) must fit one hour on 2 CPU cores. Measured on the
 tiny preset at batch 128, 2 threads: a teacher (FM) iteration 0.29 s, CM+FM 0.94 s, the full DE-CM
 iteration (freq 1) 2.1 s, so about 1.3 s at freq 3 and about 11.7 s for one iteration of all ten
-distillation runs; a forward pass costs about 0.8 s per 1,000 samples. The default is therefore
+distillation runs; one NFE costs about 0.8 s per 1,000 samples (sampling batch 500). The default is
   --teacher-steps 1500 (pipeline: 2000)   ~7 min
   --decm-steps 150 per variant (pipeline: 800)  ~29 min for the ten runs
   --n 1000 samples per FD (pipeline: 2000)  ~12 min of sampling
-and `--quick` (about 5 minutes, same code) uses 200 / 10 / 200. Runs resume (`--resume auto`) and are
+and `--quick` (about 5 minutes, same code) uses 200 / 8 / 200. Runs resume (`--resume auto`) and are
 checked against the flags they were made with, so an interrupted `tables` continues where it stopped.
+On a 2-core machine that another job keeps busy, `--threads 1` avoids OpenMP's spin-waiting (2 threads
+were up to 10x slower there).
 
 speed. For each preset a random teacher (weights perturbed so that no weight is exactly zero) and its
 student, on random 1x16x16 data with 10 classes: the median time of --repeats runs after a warm-up of a
@@ -99,15 +101,17 @@ def save_panels(path, panels):
     scale, pad, title = 2, 8, 14
     ims = [Image.fromarray(g.numpy()).resize((g.shape[1] * scale, g.shape[0] * scale), Image.NEAREST)
            for _, g in panels]
-    W = sum(im.width for im in ims) + pad * (len(ims) + 1)
+    draw = ImageDraw.Draw(Image.new('L', (1, 1)))
+    widths = [max(im.width, int(draw.textlength(name)) + 4) for (name, _), im in zip(panels, ims)]
+    W = sum(widths) + pad * (len(ims) + 1)
     H = max(im.height for im in ims) + title + 2 * pad
     canvas = Image.new('L', (W, H), 255)
     draw = ImageDraw.Draw(canvas)
     x0 = pad
-    for (name, _), im in zip(panels, ims):
+    for (name, _), im, w in zip(panels, ims, widths):
         draw.text((x0, 2), name, fill=0)
         canvas.paste(im, (x0, title + pad))
-        x0 += im.width + pad
+        x0 += w + pad
     canvas.save(path + '.tmp.png')
     os.replace(path + '.tmp.png', path)
 
@@ -143,12 +147,12 @@ def line_plot(path, panels, size=(520, 400), legend_w=200):
     except TypeError:                                          # pillow < 10.1
         font = ImageFont.load_default()
     pw, ph = size
-    ml, mr, mt, mb = 58, 12, 28, 42
+    ml, mr, mt, mb = 58, 12, 50, 42
     im = Image.new('RGB', (len(panels) * (pw + legend_w), ph), 'white')
     d = ImageDraw.Draw(im)
     for k, (title, xlabel, series) in enumerate(panels):
         ox = k * (pw + legend_w)
-        d.text((ox + ml, 6), title, fill='black', font=font)
+        d.text((ox + 4, 4), title, fill='black', font=font)
         pts = [(x, y) for s in series.values() for x, y in s if math.isfinite(y) and y > 0]
         if not pts:
             d.text((ox + ml, ph // 2), 'no finite values', fill='black', font=font)
@@ -174,7 +178,7 @@ def line_plot(path, panels, size=(520, 400), legend_w=200):
             d.text((X(x), y0 + 4), f'{x:g}', fill='black', font=font, anchor='mt')
         d.rectangle([x0, y1, x1, y0], outline='black')
         d.text(((x0 + x1) / 2, ph - 8), xlabel, fill='black', font=font, anchor='mb')
-        d.text((ox + 4, y1 - 16), 'pixel FD (log)', fill='black', font=font)
+        d.text((ox + 4, y1 - 30), 'pixel FD (log)', fill='black', font=font)
         for i, (name, s) in enumerate(series.items()):
             col = PALETTE[i % len(PALETTE)]
             good = [(X(x), Y(y)) for x, y in sorted(s) if math.isfinite(y) and y > 0]
@@ -298,8 +302,8 @@ def check_run(out, argv, steps):
     ckpt = train.load_student_checkpoint(last)
     want = {k: v for k, v in vars(train.parse_args(argv)).items() if k not in RUN_FLAGS_IGNORED}
     have = ckpt['args']
-    diff = [f'--{k.replace("_", "-")} {have.get(k)!r} there, {v!r} now' for k, v in want.items()
-            if have.get(k) != v]
+    diff = [f'--{k.replace("_", "-")} {have[k]!r} there, {v!r} now' for k, v in want.items()
+            if k in have and have[k] != v]                    # a flag newer than the run is not checked
     if diff:
         raise ValueError(f'{out} holds a run made with other settings ({"; ".join(diff[:3])}): give another '
                          f'--runs folder or delete it')
@@ -310,8 +314,10 @@ def check_run(out, argv, steps):
 
 def tables(a):
     quick = a.quick
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
     a.teacher_steps = a.teacher_steps or (200 if quick else 1500)
-    a.decm_steps = a.decm_steps or (10 if quick else 150)
+    a.decm_steps = a.decm_steps or (8 if quick else 150)
     a.n = a.n or (200 if quick else 1000)
     a.runs = a.runs or ('runs/tables-quick' if quick else 'runs/tables')
     name = 'tables_quick' if quick else 'tables'
@@ -368,7 +374,7 @@ def tables(a):
     cells += [('g', smp, nfe) for smp, _, _ in PAPER_T4 for nfe in T4_NFE]
     cells = list(dict.fromkeys(cells))                         # (g, cm, 4) is in both tables
     fd, panels = {}, {k: [('real data', grid_rows(real, real_y))] for k in ['a', 'b'] + list(runs)}
-    panels['table4'] = [('real data', grid_rows(real, real_y))]
+    t4_panels = {}
     for key, smp, nfe in tqdm(cells, desc='tables: sampling + FD', dynamic_ncols=True):
         if key in ('a', 'b'):
             targs = type('A', (), dict(cfg=1.0 if key == 'a' else a.w_cfg, cfg_interval_start=0.0, shift=0.0))
@@ -378,13 +384,15 @@ def tables(a):
             fd[key, smp, nfe], x, y = fd_of(model, stats, smp, nfe, real, a.n, None, a.seed)
         if nfe in T3_STEPS and smp == table3_sampler(key, nfe):     # a Table 3 cell
             panels[key].append((f'{smp} {nfe}', grid_rows(x, y)))
-        if key == 'g' and nfe in (4, 16):
-            panels['table4'].append((f'{smp} {nfe}', grid_rows(x, y)))
+        if key == 'g' and nfe in (T4_NFE[0], T4_NFE[-1]) and smp in [s for s, _, _ in PAPER_T4]:
+            t4_panels[smp, nfe] = (f'{smp} {nfe}', grid_rows(x, y))
     t2 = time.time()
 
     # 3. results: markdown, plot, sample grids, raw numbers
     sample_dir = os.path.join(a.results, name + '_samples')
     os.makedirs(sample_dir, exist_ok=True)
+    panels['table4'] = panels['a'][:1] + [t4_panels[k] for k in sorted(t4_panels, key=lambda k: (
+        [s for s, _, _ in PAPER_T4].index(k[0]), k[1]))]
     for key, p in panels.items():
         save_panels(os.path.join(sample_dir, f'{key}.png'), p)
     run_of = lambda k: same.get(k, k)
@@ -431,8 +439,8 @@ def tables(a):
     lines += ['', f'Mix sampler: {mix}.', '',
               f'Budget: {budget}. The paper trains 250 epochs on ImageNet; the default here (1500 teacher and '
               f'150 DE-CM iterations per variant, n = 1000; pipeline: 2000 / 800 / 2000) is cut so that the '
-              f'whole command fits one hour on 2 CPU cores; `--quick` uses 200 / 10 / 200. At this budget the '
-              f'students have moved little from the teacher, so the rows compare the first steps of training.',
+              f'whole command fits one hour on 2 CPU cores; `--quick` uses 200 / 8 / 200. At this budget the rows '
+              f'compare short distillation runs, not converged models.',
               f'Time: training {t1 - t0:.0f} s (' + ', '.join(f'{k} {v:.0f} s' for k, v in times.items())
               + f'), sampling and FD {t2 - t1:.0f} s; total {time.time() - t0:.0f} s on '
               f'{torch.get_num_threads()} threads.',
@@ -733,7 +741,7 @@ def main(argv=None):
     p.add_argument('extra', nargs='*', help='more train.py flags for the DE-CM run (after --)')
 
     p = sub.add_parser('tables', help="the paper's Table 3 (a)-(o) and Table 4 in miniature")
-    p.add_argument('--quick', action='store_true', help='about 5 minutes: 200 teacher and 10 DE-CM iterations, '
+    p.add_argument('--quick', action='store_true', help='about 5 minutes: 200 teacher and 8 DE-CM iterations, '
                    'n = 200 (flags given explicitly win); writes tables_quick.*')
     p.add_argument('--runs', default=None, help='folder for the teacher and the variant runs '
                    '(default runs/tables, with --quick runs/tables-quick)')
@@ -747,12 +755,14 @@ def main(argv=None):
                    '(default 1500, quick 200)')
     p.add_argument('--teacher-lr', type=float, default=1e-3, help='teacher learning rate')
     p.add_argument('--decm-steps', type=int, default=None, help='DE-CM iterations of every variant '
-                   '(default 150, quick 10)')
+                   '(default 150, quick 8)')
     p.add_argument('--decm-lr', type=float, default=3e-4, help='DE-CM learning rate of every variant')
     p.add_argument('--w-cfg', type=float, default=2.0, help='CFG weight: distillation and row (b)')
     p.add_argument('--batch', type=int, default=128, help='batch size of every run')
     p.add_argument('--n', type=int, default=None, help='samples per FD (default 1000, quick 200)')
     p.add_argument('--seed', type=int, default=0, help='seed of every run and of the sampling noise')
+    p.add_argument('--threads', type=int, default=0, help='torch.set_num_threads (0: leave the default); '
+                   '1 is much faster than 2 on a 2-core machine that something else keeps busy')
 
     p = sub.add_parser('speed', help='iteration and sampling times, memory, DE-CM iteration vs its floor')
     p.add_argument('--presets', nargs='+', default=['tiny', 'small'], choices=list(train.PRESETS),

@@ -3,7 +3,9 @@
 Formulas are checked against finite differences in float64 on a model with random non-zero weights
 (with adaLN-Zero init every tangent would be exactly 0 and any formula would pass).
 """
+import json
 import os
+import re
 import subprocess
 import sys
 
@@ -11,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import bench
 import losses
 import sample
 import train
@@ -620,3 +623,83 @@ def test_pickled_objects_refused_unless_allowed(tmp_path, small_decoder):
         load_vavae_decoder(tmp_path / "pickled.pt", decoder_kwargs=SMALL)
     dec = load_vavae_decoder(tmp_path / "pickled.pt", decoder_kwargs=SMALL, allow_unsafe_pickle=True)
     assert torch.equal(dec.state_dict()["decoder.conv_out.weight"], sd["decoder.conv_out.weight"])
+
+
+# ----------------------------------------------------------------------------- bench.py
+def run_bench(*argv, timeout=300):
+    """bench.py in a fresh process (it sets torch's thread count); returns stdout, fails with stderr."""
+    p = subprocess.run([sys.executable, os.path.join(HERE, 'bench.py'), *argv], cwd=HERE, capture_output=True,
+                       text=True, timeout=timeout)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p.stdout
+
+
+@pytest.fixture(scope='module')
+def tiny_tables(tmp_path_factory):
+    root = tmp_path_factory.mktemp('tables')
+    data = train.make_digits(str(root / 'd8'), n=200, size=8)
+    argv = ['tables', '--data', data, '--teacher-steps', '2', '--decm-steps', '2', '--n', '20', '--batch', '32',
+            '--runs', str(root / 'runs'), '--results', str(root / 'res')]
+    run_bench(*argv, '--threads', '1')                                  # 1 thread: fast on a busy machine
+    return root, argv
+
+
+def test_tables_writes_every_row_of_table_3_and_table_4(tiny_tables):
+    root, _ = tiny_tables
+    md = (root / 'res' / 'tables.md').read_text()
+    number = r'(\d+\.\d\d|nan)'
+    for key, _, method, _ in bench.TABLE3:
+        row = [line for line in md.splitlines() if line.startswith(f'| ({key}) ')]
+        assert len(row) == 1, (key, md)
+        cells = [c.strip() for c in row[0].strip('|').split('|')[1:]]
+        assert len(cells) == 8 and all(re.fullmatch(number, c) for c in cells), row
+        assert cells[4:] == [f'{v:.2f}' for v in bench.PAPER_T3[key]]      # the paper's numbers beside ours
+    assert '## Table 4' in md
+    for _, label, paper in bench.PAPER_T4:
+        row = [line for line in md.splitlines() if line.startswith(f'| {label} |')]
+        assert len(row) == 1 and row[0].rstrip(' |').endswith(f'{paper[-1]:.2f}'), (label, md)
+    raw = json.loads((root / 'res' / 'tables.json').read_text())
+    cells = {(c['row'], c['sampler'], c['nfe']) for c in raw['fd']}
+    assert ('a', 'teacher', 50) in cells and ('g', 'euler', 50) in cells and ('g', 'mix', 16) in cells
+    assert ('h', 'cm', 1) not in cells                                  # (h), (j), (n) reuse the run of (g)
+    assert sorted(os.listdir(root / 'runs')) == sorted(['teacher', 'c', 'd', 'e', 'f', 'g', 'i', 'k', 'l', 'm', 'o'])
+
+
+def test_tables_png_and_sample_grids_are_valid_pngs(tiny_tables):
+    from PIL import Image
+    root, _ = tiny_tables
+    paths = [root / 'res' / 'tables.png'] + sorted((root / 'res' / 'tables_samples').glob('*.png'))
+    assert len(paths) == 1 + 12 + 1                                     # plot, rows a-o less h/j/n, table4
+    for p in paths:
+        with Image.open(p) as im:
+            im.verify()
+            assert im.format == 'PNG'
+    with Image.open(paths[0]) as im:
+        assert im.width > 800 and im.height > 200
+
+
+def test_tables_refuses_to_resume_a_run_made_with_other_settings(tiny_tables, capsys):
+    _, argv = tiny_tables
+    for change, message in [(['--decm-steps', '1'], 'more than the 1 asked for'),
+                            (['--w-cfg', '3'], 'other settings')]:
+        with pytest.raises(SystemExit) as e:
+            bench.main(argv + change)                                   # the later flag wins
+        assert e.value.code == 2
+        assert message in capsys.readouterr().err
+
+
+def test_speed_writes_times_memory_and_ratios(tmp_path):
+    out = run_bench('speed', '--presets', 'tiny', '--batch', '8', '--repeats', '2', '--threads', '1',
+                    '--results', str(tmp_path))
+    md = (tmp_path / 'speed.md').read_text()
+    assert md.strip() in out or 'DE-CM iteration / floor' in out
+    for pattern in [r'DE-CM iteration / floor = (\d+\.\d+)', r'1-NFE sampling / one forward pass = (\d+\.\d+)',
+                    r'/ FM iteration = (\d+\.\d+)']:
+        m = re.search(pattern, md)
+        assert m and float(m.group(1)) > 0, pattern
+    assert re.search(r'\| tiny \| 0\.\d\dM \|', md)
+    raw = json.loads((tmp_path / 'speed.json').read_text())['tiny']
+    for k in ['fm', 'cm_fm', 'n2n_fm', 'decm', 'floor', 'forward', 'cm1', 'teacher50']:
+        assert raw[k] > 0, k
+    assert raw['decm'] > raw['fm'] and raw['teacher50'] > raw['cm1']
+    assert raw['decm_mem'] is None or raw['decm_mem'] > 0

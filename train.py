@@ -378,7 +378,7 @@ def parse_args(argv=None):
     A('--seed', type=int, default=0, help='random seed (rank r uses seed + r)')
     A('--device', default='auto', help='auto, cpu or cuda')
     A('--amp', default='auto', choices=['auto', 'on', 'off'], help='bf16 autocast (auto: on for CUDA)')
-    A('--compile', action='store_true', help='torch.compile the teacher and the plain student forward')
+    A('--compile', action='store_true', help='torch.compile the teacher (inference only; the student runs eager for torch.func.jvp)')
     A('--workers', type=int, default=0, help='data loader worker processes')
     A('--ckpt-every', type=int, default=500, help='checkpoint every N iterations')
     A('--keep', type=int, default=2, help='checkpoints to keep')
