@@ -21,6 +21,7 @@ dict; XL/1 on 32x16x16 VA-VAE latents, 1000 classes).
 """
 import math
 import os
+import re
 
 import torch
 
@@ -47,8 +48,16 @@ def read_checkpoint(path):
     except FileNotFoundError:
         raise ValueError(f'checkpoint {path} does not exist')
     except Exception as e:  # truncated file, a pickle that needs code, not a torch file at all
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise ValueError(f'cannot read checkpoint {path} safely (weights_only=True): {first}')
+        msg = re.sub(r'\x1b\[[0-9;]*m', '', str(e))
+        needs = re.search(r'Unsupported global: GLOBAL ([\w.]+)', msg)
+        if needs:
+            why = f'it pickles the Python object {needs.group(1)}, and loading that could run code'
+        elif 'Weights only load failed' in msg:
+            why = 'it is not a torch checkpoint of tensors and plain containers'
+        else:
+            first = (msg.strip().splitlines() or [''])[0].split('. ')[0][:120]
+            why = f'not a complete torch file ({type(e).__name__}: {first})'
+        raise ValueError(f'cannot read checkpoint {path} safely (weights_only=True): {why}')
 
 
 def load_teacher(path, preset='XL/1', in_channels=32, input_size=16, num_classes=1000, device='cpu'):

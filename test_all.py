@@ -3,11 +3,16 @@
 Formulas are checked against finite differences in float64 on a model with random non-zero weights
 (with adaLN-Zero init every tangent would be exactly 0 and any formula would pass).
 """
+import collections
 import json
 import os
+import random
 import re
+import signal
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -18,7 +23,7 @@ import losses
 import sample
 import train
 from model import DiT, student_from_teacher, load_dit_state, PRESETS
-from teacher import teacher_velocity, load_teacher
+from teacher import teacher_velocity, load_teacher, read_checkpoint
 
 torch.set_num_threads(2)
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -703,3 +708,542 @@ def test_speed_writes_times_memory_and_ratios(tmp_path):
         assert raw[k] > 0, k
     assert raw['decm'] > raw['fm'] and raw['teacher50'] > raw['cm1']
     assert raw['decm_mem'] is None or raw['decm_mem'] > 0
+
+
+# ----------------------------------------------------------------------------- crash safety, bad input
+# Robustness of the CLIs: crash-safe training, exact resume, safe checkpoint loading, a bad-input matrix.
+#
+# Every CLI runs in its own process (cwd = this folder) on CPU with one thread (OMP_NUM_THREADS=1: on a loaded
+# 2-core machine two intra-op threads per process are 20-50x slower). The kill-and-resume and signal tests start
+# `python train.py ...` cold; the bad-input matrix and the random-kill loop fork their runs from a warm launcher
+# (LAUNCHER below) that has imported torch once, and test_forked_matches_cold_start checks it against cold starts.
+ENV = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')}
+ENV.update(OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONUNBUFFERED='1', CUDA_VISIBLE_DEVICES='',
+           TQDM_DISABLE='1')           # (tqdm bars created with an explicit `disable=` ignore it: filtered below)
+TQDM_SEGMENT = re.compile(r'\d+%\||\d+/\d+ \[|it/s\]|s/it\]')
+
+
+# ----------------------------------------------------------------------------- helpers
+class NotAWeight:
+    """Any class: a weights_only load must refuse to import it."""
+
+    def __init__(self):
+        self.x = 1
+
+
+class SneakyDict(collections.OrderedDict):
+    """A subclass of an allowed type is still code."""
+
+
+class Bomb:
+    """Unpickling this would create a file (builtins.open): proof that no code ran if the file is absent."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, 'w'))
+
+
+def stderr_lines(err):
+    """Non-empty lines of stderr, without tqdm's progress fragments (\\r-separated)."""
+    segs = [s.strip() for s in re.split(r'[\r\n]', err)]
+    return [s for s in segs if s and not TQDM_SEGMENT.search(s)]
+
+
+def assert_one_error(rc, err, must=(), what=''):
+    lines = stderr_lines(err)
+    assert 'Traceback' not in err, f'{what}: traceback\n{err}'
+    assert rc == 2, f'{what}: exit code {rc}, stderr:\n{err}'
+    assert len(lines) == 1, f'{what}: expected one error line, got {lines}'
+    assert lines[0].startswith('error: '), f'{what}: {lines[0]!r}'
+    for m in must:
+        assert m in lines[0], f'{what}: {m!r} not in {lines[0]!r}'
+    return lines[0]
+
+
+def run_cli(args, timeout=240):
+    p = subprocess.run([sys.executable] + [str(a) for a in args], cwd=HERE, env=ENV, capture_output=True,
+                       text=True, timeout=timeout)
+    return p.returncode, p.stdout, p.stderr
+
+
+def popen_cli(args, log_prefix):
+    out, err = open(log_prefix + '.out', 'w'), open(log_prefix + '.err', 'w')
+    p = subprocess.Popen([sys.executable] + [str(a) for a in args], cwd=HERE, env=ENV, stdout=out, stderr=err)
+    out.close(), err.close()
+    return p
+
+
+def read(path):
+    try:
+        with open(path, errors='replace') as f:
+            return f.read()
+    except FileNotFoundError:                                  # not created yet
+        return ''
+
+
+def wait_for(pred, timeout, proc=None, poll=0.01):
+    end = time.time() + timeout
+    while time.time() < end:
+        if pred():
+            return True
+        if proc is not None and proc.poll() is not None:
+            return pred()
+        time.sleep(poll)
+    return False
+
+
+def latest_step(out):
+    p = train.latest_checkpoint(str(out))
+    if p is None:
+        return None
+    return int(re.search(r'ckpt_(\d+)\.pt$', p).group(1))
+
+
+def flat_tensors(obj, prefix=''):
+    """{dotted name: tensor} of every tensor in nested dicts/lists."""
+    if torch.is_tensor(obj):
+        return {prefix: obj}
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else []
+    out = {}
+    for k, v in items:
+        out.update(flat_tensors(v, f'{prefix}.{k}' if prefix else str(k)))
+    return out
+
+
+def assert_bit_equal(a, b, what):
+    ta, tb = flat_tensors(a), flat_tensors(b)
+    assert ta.keys() == tb.keys(), what
+    diff = [k for k in ta if not torch.equal(ta[k], tb[k])]
+    assert not diff, f'{what}: {len(diff)} tensors differ, e.g. {diff[:3]}'
+
+
+# ----------------------------------------------------------------------------- shared inputs
+class W:
+    pass
+
+
+@pytest.fixture(scope='module')
+def w(tmp_path_factory):
+    """Tiny digits (8x8), a 2-step teacher (in-process, as bench.py does it) and crafted bad inputs."""
+    root = tmp_path_factory.mktemp('robust')
+    w = W()
+    w.root = str(root)
+    w.D = train.make_digits(str(root / 'd8'), n=200, size=8)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train.main(['--data', w.D, '--losses', 'fm', '--out', str(root / 'teacher'), '--steps', '2',
+                    '--batch', '16', '--device', 'cpu'])
+    finally:
+        torch.set_num_threads(threads)
+    w.handlers_after = {s: signal.getsignal(s) for s in handlers}
+    w.handlers_before = handlers
+    for s, h in handlers.items():                              # keep pytest's Ctrl-C whatever happened
+        signal.signal(s, h)
+    w.T = train.latest_checkpoint(str(root / 'teacher'))
+
+    from safetensors.torch import save_file
+
+    def folder(name, x, y, stats=True):
+        d = root / name
+        d.mkdir()
+        save_file({'latents': x, 'latents_flip': x.clone(), 'labels': y}, str(d / 'latents_rank00_shard000.safetensors'))
+        if stats:
+            torch.save({'mean': x.mean(dim=(0, 2, 3), keepdim=True), 'std': x.std(dim=(0, 2, 3), keepdim=True)},
+                       str(d / 'latents_stats.pt'))
+        return str(d)
+    g = torch.Generator().manual_seed(0)
+    w.empty = str(root / 'empty')
+    os.makedirs(w.empty)
+    w.twoch = folder('twoch', torch.randn(40, 2, 8, 8, generator=g), torch.arange(40) % 10)
+    w.badlab = folder('badlab', torch.randn(40, 1, 8, 8, generator=g), torch.arange(40) % 13)   # labels 0..12
+    w.nostats = folder('nostats', torch.randn(40, 1, 8, 8, generator=g), torch.arange(40) % 10, stats=False)
+    with open(w.T, 'rb') as f:
+        blob = f.read()
+    w.trunc = str(root / 'truncated.pt')
+    with open(w.trunc, 'wb') as f:
+        f.write(blob[:len(blob) // 2])
+    w.foo = str(root / 'foo.pt')
+    torch.save({'foo': torch.zeros(1)}, w.foo)
+    w.small = str(root / 'small_state_dict.pt')                # a bare LightningDiT-style dict, other preset
+    torch.save(DiT('small', in_channels=1, input_size=8, num_classes=10, s_embed=False).state_dict(), w.small)
+    w.obj = str(root / 'object.pt')
+    torch.save({'model': NotAWeight(), 'ema': {}, 'args': {}, 'model_config': {}}, w.obj)
+    w.sneaky = str(root / 'sneaky.pt')
+    sd = SneakyDict()
+    sd['y_embedder.embedding_table.weight'] = torch.zeros(11, 64)
+    torch.save(sd, w.sneaky)
+    w.marker = str(root / 'BOMB_WENT_OFF')
+    w.bomb = str(root / 'bomb.pt')
+    torch.save({'ema': Bomb(w.marker)}, w.bomb)
+    w.afile = str(root / 'a_regular_file')
+    with open(w.afile, 'w') as f:
+        f.write('not a folder\n')
+    w.images = str(root / 'images.npz')
+    np.savez(w.images, arr_0=np.zeros((4, 8, 8, 3), np.uint8))
+    w.logs = str(root / 'logs')
+    os.makedirs(w.logs)
+    return w
+
+
+def test_in_process_train_restores_signal_handlers(w):
+    """train.main called in-process (bench.py, tests) must give Ctrl-C back to the caller."""
+    assert w.handlers_after == w.handlers_before
+
+
+# ----------------------------------------------------------------------------- bad-input matrix
+def _train(w, case, *extra):
+    return ['train.py', '--data', w.D, '--out', os.path.join(w.root, 'out', case), '--steps', '1',
+            '--batch', '16', *extra]
+
+
+def _sample(w, case, *extra):
+    return ['sample.py', '--ckpt', w.T, '--out', os.path.join(w.root, 'samples', case), '--num-samples', '4',
+            '--batch', '4', *extra]
+
+
+# id: (argv builder, substrings the error line must contain)
+CASES = {
+    'train-missing-data': (lambda w, c: _train(w, c, '--data', os.path.join(w.root, 'nope')), ['no such folder']),
+    'train-empty-data': (lambda w, c: _train(w, c, '--data', w.empty), ['no *.safetensors']),
+    'train-shape-vs-teacher': (lambda w, c: _train(w, c, '--data', w.twoch, '--teacher', w.T), ['shape']),
+    'train-labels-out-of-range': (lambda w, c: _train(w, c, '--data', w.badlab, '--num-classes', '10',
+                                                      '--losses', 'fm'), ['labels', '10 classes']),
+    'train-missing-stats': (lambda w, c: _train(w, c, '--data', w.nostats, '--losses', 'fm'),
+                            ['--latent-stats compute']),
+    'train-batch-over-dataset': (lambda w, c: _train(w, c, '--batch', '300', '--losses', 'fm'),
+                                 ['fewer than one batch']),
+    'train-missing-teacher': (lambda w, c: _train(w, c, '--teacher', os.path.join(w.root, 'nope.pt')),
+                              ['does not exist']),
+    'train-truncated-teacher': (lambda w, c: _train(w, c, '--teacher', w.trunc), ['cannot read']),
+    'train-not-ours-teacher': (lambda w, c: _train(w, c, '--teacher', w.foo), ['not a teacher checkpoint']),
+    'train-other-preset-teacher': (lambda w, c: _train(w, c, '--teacher', w.small), ['does not fit']),
+    'train-not-ours-resume': (lambda w, c: _train(w, c, '--resume', w.foo, '--losses', 'fm'),
+                              ['not a decm checkpoint']),
+    'train-truncated-resume': (lambda w, c: _train(w, c, '--resume', w.trunc, '--losses', 'fm'), ['cannot read']),
+    'train-teacher-as-resume': (lambda w, c: _train(w, c, '--teacher', w.T, '--resume', w.T),
+                                ['--teacher, not --resume']),
+    'train-resume-other-shape': (lambda w, c: _train(w, c, '--data', w.twoch, '--resume', w.T, '--losses', 'fm'),
+                                 ['shape']),
+    'train-unknown-loss': (lambda w, c: _train(w, c, '--losses', 'fm,bogus'), ['bogus']),
+    'train-steps-0': (lambda w, c: _train(w, c, '--steps', '0'), ['--steps']),
+    'train-unwritable-out': (lambda w, c: _train(w, c, '--losses', 'fm', '--out', os.path.join(w.afile, 'sub')),
+                             ['--out']),
+    'train-unknown-flag': (lambda w, c: _train(w, c, '--no-such-flag'), ['--no-such-flag']),
+    # weights_only refusals (pickled Python objects, not tensors)
+    'train-object-teacher': (lambda w, c: _train(w, c, '--teacher', w.obj), ['safely']),
+    'train-sneaky-teacher': (lambda w, c: _train(w, c, '--teacher', w.sneaky), ['safely']),
+    'train-bomb-teacher': (lambda w, c: _train(w, c, '--teacher', w.bomb), ['safely']),
+    'train-object-resume': (lambda w, c: _train(w, c, '--resume', w.obj, '--losses', 'fm'), ['safely']),
+    'sample-missing-ckpt': (lambda w, c: _sample(w, c, '--ckpt', os.path.join(w.root, 'nope.pt')),
+                            ['does not exist']),
+    'sample-folder-without-latest': (lambda w, c: _sample(w, c, '--ckpt', w.empty), ['latest']),
+    'sample-truncated-ckpt': (lambda w, c: _sample(w, c, '--ckpt', w.trunc), ['cannot read']),
+    'sample-not-ours-ckpt': (lambda w, c: _sample(w, c, '--ckpt', w.foo), ['not a teacher checkpoint']),
+    'sample-object-ckpt': (lambda w, c: _sample(w, c, '--ckpt', w.obj), ['safely']),
+    'sample-bomb-ckpt': (lambda w, c: _sample(w, c, '--ckpt', w.bomb), ['safely']),
+    'sample-nfe-0': (lambda w, c: _sample(w, c, '--nfe', '0'), ['--nfe']),
+    'sample-nfe-negative': (lambda w, c: _sample(w, c, '--nfe', '-1'), ['--nfe']),
+    'sample-unwritable-out': (lambda w, c: _sample(w, c, '--out', os.path.join(w.afile, 'sub')), ['--out']),
+    'bench-unknown-subcommand': (lambda w, c: ['bench.py', 'bogus'], ['bogus']),
+    'bench-no-subcommand': (lambda w, c: ['bench.py'], ['cmd']),
+    'fid-missing-file': (lambda w, c: ['fid.py', os.path.join(w.root, 'nope.npz'), w.images], ['does not exist']),
+    'fid-missing-inception': (lambda w, c: ['fid.py', w.images, w.images], ['--inception']),
+}
+
+
+# A warm launcher: a real `python` process imports torch and the CLIs once (~2 s), then forks one child per
+# run, which runs the script as __main__ (runpy) with stdout/stderr on files, as the interpreter would (an
+# uncaught exception prints its traceback and exits 1). 35 cold `python train.py` starts cost ~80 s on 2
+# shared cores. test_forked_matches_cold_start checks a few cases against a cold start.
+# `batch JSON`: run [[name, argv, log prefix], ...] two at a time, print {name: exit code}.
+# `serve`: read JSON lines ["run", [argv, prefix]] -> print the child's pid; ["wait", pid] -> its exit code.
+LAUNCHER = r"""
+import json, os, runpy, sys, traceback
+sys.path.insert(0, os.getcwd())
+import torch, train, sample, bench, fid                          # noqa: F401 (warm imports for the children)
+try:
+    from torch._decomp import decompositions_for_jvp              # noqa: F401 (loaded by the first JVP)
+except ImportError:
+    pass
+
+def start(argv, prefix):
+    sys.stdout.flush(); sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+        for fd, ext in ((1, '.out'), (2, '.err')):
+            os.dup2(os.open(prefix + ext, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
+        sys.argv = list(argv)
+        try:
+            runpy.run_path(argv[0], run_name='__main__')
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            if not isinstance(e.code, int) and e.code is not None:
+                print(e.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush(); sys.stderr.flush()
+    finally:
+        os._exit(code)
+
+if sys.argv[1] == 'batch':
+    results, running = {}, {}
+    def reap():
+        pid, status = os.wait()
+        results[running.pop(pid)] = os.waitstatus_to_exitcode(status)
+    for name, argv, prefix in json.loads(sys.argv[2]):
+        while len(running) >= 2:
+            reap()
+        running[start(argv, prefix)] = name
+    while running:
+        reap()
+    print(json.dumps(results))
+else:
+    while True:
+        line = sys.stdin.readline()
+        if not line:
+            break
+        cmd, arg = json.loads(line)
+        if cmd == 'run':
+            print(start(*arg), flush=True)
+        else:
+            print(os.waitstatus_to_exitcode(os.waitpid(arg, 0)[1]), flush=True)
+"""
+
+
+def run_forked(cases, logs):
+    """{name: argv} -> {name: (exit code, stdout, stderr)}, each case in its own forked process."""
+    spec = [[c, [str(a) for a in argv], os.path.join(logs, c)] for c, argv in cases.items()]
+    p = subprocess.run([sys.executable, '-c', LAUNCHER, 'batch', json.dumps(spec)], cwd=HERE, env=ENV,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    codes = json.loads(p.stdout.strip().splitlines()[-1])
+    return {c: (codes[c], read(prefix + '.out'), read(prefix + '.err')) for c, _, prefix in spec}
+
+
+class Launcher:
+    """The launcher in serve mode: start(argv, prefix) -> pid of a forked run; wait(pid) -> exit code."""
+
+    def __init__(self):
+        self.p = subprocess.Popen([sys.executable, '-c', LAUNCHER, 'serve'], cwd=HERE, env=ENV, text=True,
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def _ask(self, msg):
+        self.p.stdin.write(json.dumps(msg) + '\n')
+        self.p.stdin.flush()
+        return int(self.p.stdout.readline())
+
+    def start(self, argv, prefix):
+        return self._ask(['run', [[str(a) for a in argv], prefix]])
+
+    def wait(self, pid):
+        return self._ask(['wait', pid])
+
+    def close(self):
+        self.p.stdin.close()
+        self.p.wait(30)
+
+
+@pytest.fixture(scope='module')
+def matrix(w):
+    return run_forked({c: build(w, c) for c, (build, _) in CASES.items()}, w.logs)
+
+
+def test_forked_matches_cold_start(w, matrix):
+    """The forked runner gives what a cold `python script.py ...` gives (exit code and stderr line)."""
+    picks = ['train-unwritable-out', 'sample-truncated-ckpt']
+    with ThreadPoolExecutor(len(picks)) as ex:
+        cold = dict(zip(picks, ex.map(lambda c: run_cli(CASES[c][0](w, c)), picks)))
+    for c in picks:
+        assert cold[c][0] == matrix[c][0], (c, cold[c], matrix[c])
+        assert stderr_lines(cold[c][2]) == stderr_lines(matrix[c][2]), c
+
+
+@pytest.mark.parametrize('case', list(CASES))
+def test_bad_input(case, matrix):
+    rc, out, err = matrix[case]
+    assert_one_error(rc, err, CASES[case][1], case)
+
+
+def test_weights_only_refusal_runs_no_code(w, matrix):
+    """A checkpoint that pickles Python objects is refused by train.py and sample.py, and nothing in it ran."""
+    for case in ('train-object-teacher', 'train-sneaky-teacher', 'train-bomb-teacher', 'train-object-resume',
+                 'sample-object-ckpt', 'sample-bomb-ckpt'):
+        rc, out, err = matrix[case]
+        line = assert_one_error(rc, err, ['cannot read checkpoint', 'safely'], case)
+    assert not os.path.exists(w.marker), 'unpickling ran code from the checkpoint'
+    for p in (w.obj, w.sneaky, w.bomb):
+        with pytest.raises(ValueError, match='safely'):
+            read_checkpoint(p)
+    assert not os.path.exists(w.marker)
+
+
+# ----------------------------------------------------------------------------- atomic checkpoints
+def test_failed_save_keeps_previous_latest(tmp_path, monkeypatch):
+    """In-process: a save that dies while writing the file, or before the pointer moves, leaves `latest`
+    on the previous checkpoint, which still loads with weights_only=True; the next save works."""
+    out = str(tmp_path)
+    obj = lambda k: {'model': {'w': torch.full((3,), float(k))}, 'step': k}
+    train.save_checkpoint(out, obj(1), 1, keep=2)
+    real_save, real_replace = torch.save, os.replace
+
+    def half_save(o, f, *a, **kw):                            # write some bytes, then die
+        f.write(b'PK\x03\x04 partial')
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(torch, 'save', half_save)
+    with pytest.raises(OSError):
+        train.save_checkpoint(out, obj(2), 2, keep=2)
+    monkeypatch.setattr(torch, 'save', real_save)
+    assert latest_step(out) == 1
+    assert torch.load(train.latest_checkpoint(out), weights_only=True)['step'] == 1
+
+    def replace_dies_on_pointer(src, dst):                     # the checkpoint lands, the pointer does not
+        if os.path.basename(dst) == 'latest':
+            raise OSError(5, 'Input/output error')
+        return real_replace(src, dst)
+    monkeypatch.setattr(os, 'replace', replace_dies_on_pointer)
+    with pytest.raises(OSError):
+        train.save_checkpoint(out, obj(3), 3, keep=2)
+    monkeypatch.setattr(os, 'replace', real_replace)
+    assert latest_step(out) == 1
+    assert torch.load(train.latest_checkpoint(out), weights_only=True)['step'] == 1
+
+    train.save_checkpoint(out, obj(4), 4, keep=2)             # leftovers do not get in the way
+    assert latest_step(out) == 4
+    assert torch.load(train.latest_checkpoint(out), weights_only=True)['step'] == 4
+    assert sorted(f for f in os.listdir(out) if f.startswith('ckpt_')) == ['ckpt_0000003.pt', 'ckpt_0000004.pt']
+
+
+def _distill(w, out, steps, *extra):
+    return ['train.py', '--data', w.D, '--teacher', w.T, '--out', out, '--steps', str(steps), '--batch', '16',
+            *extra]
+
+
+def test_sigkill_then_resume_is_bit_exact(w):
+    """SIGKILL a DE-CM run (fm, cm, n2n; checkpoint every step) once it has saved step >= 2, resume with
+    --resume auto: the final model, EMA and optimizer state equal an uninterrupted run's, bit for bit."""
+    N = 10
+    ref_dir, run_dir = os.path.join(w.root, 'ref'), os.path.join(w.root, 'killed')
+    ref = popen_cli(_distill(w, ref_dir, N, '--ckpt-every', '1000'), os.path.join(w.logs, 'ref'))
+    p = popen_cli(_distill(w, run_dir, N, '--ckpt-every', '1', '--keep', '100'), os.path.join(w.logs, 'killed'))
+    try:
+        assert wait_for(lambda: (latest_step(run_dir) or 0) >= 2, 120, p), read(os.path.join(w.logs, 'killed.err'))
+        p.send_signal(signal.SIGKILL)
+        assert p.wait(30) == -signal.SIGKILL, 'the run ended before it could be killed'
+        killed_at = latest_step(run_dir)
+        assert 2 <= killed_at < N
+        stamp = lambda: {f: (os.stat(os.path.join(run_dir, f)).st_ino, os.stat(os.path.join(run_dir, f)).st_mtime_ns)
+                         for f in os.listdir(run_dir) if f.startswith('ckpt_')}
+        before = stamp()
+        rc, out, err = run_cli(_distill(w, run_dir, N, '--ckpt-every', '1', '--keep', '100', '--resume', 'auto'))
+        assert rc == 0, err
+        after = stamp()                                        # it went on from killed_at, it did not start over
+        assert all(after[f] == before[f] for f in before), 'the resumed run rewrote earlier checkpoints'
+        assert sorted(after) == [f'ckpt_{k:07d}.pt' for k in range(min(before_steps(before)), N + 1)]
+        assert ref.wait(240) == 0, read(os.path.join(w.logs, 'ref.err'))
+    finally:
+        for proc in (p, ref):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    a = torch.load(train.latest_checkpoint(ref_dir), weights_only=True)
+    b = torch.load(train.latest_checkpoint(run_dir), weights_only=True)
+    assert a['step'] == b['step'] == N and a['data_pos'] == b['data_pos']
+    assert_bit_equal(a['model'], b['model'], f'model (killed at step {killed_at})')
+    assert_bit_equal(a['ema'], b['ema'], f'ema (killed at step {killed_at})')
+    assert_bit_equal(a['opt'], b['opt'], f'optimizer state (killed at step {killed_at})')
+
+
+def before_steps(names):
+    return [int(re.search(r'ckpt_(\d+)\.pt$', f).group(1)) for f in names]
+
+
+def alive(pid):
+    """A child of the launcher that has not exited (zombies count as exited)."""
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+    except FileNotFoundError:
+        return False
+
+
+def test_sigkill_at_random_moments_keeps_latest_loadable(w):
+    """SIGKILL a run that saves every step at random moments (6 times, each restart resuming with
+    --resume auto); after every kill `latest` points to a checkpoint that loads with weights_only=True and
+    never goes back; then a --resume auto run finishes. The runs are forked from a warm launcher."""
+    out = os.path.join(w.root, 'killed_many')
+    rng = random.Random()
+    steps, delays = [], []
+    argv = lambda n: _distill(w, out, n, '--ckpt-every', '1', '--keep', '2', '--resume', 'auto', '--losses', 'fm,cm')
+    launcher = Launcher()
+    try:
+        for i in range(6):
+            log = os.path.join(w.logs, f'many{i}')
+            pid = launcher.start(argv(100000), log)
+            try:
+                ready = (lambda: latest_step(out) is not None) if i == 0 else (lambda: 'decm:' in read(log + '.out'))
+                started = wait_for(lambda: ready() or not alive(pid), 120)   # the first run: until it has saved
+                assert started and alive(pid), read(log + '.err')
+                delays.append(round(rng.uniform(0.05, 0.8), 3))
+                time.sleep(delays[-1])
+                os.kill(pid, signal.SIGKILL)
+            finally:
+                if alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+                rc = launcher.wait(pid)
+            assert rc == -signal.SIGKILL, (rc, read(log + '.err'))
+            s = latest_step(out)
+            if s is not None:
+                ckpt = torch.load(train.latest_checkpoint(out), weights_only=True)
+                assert ckpt['step'] == s and {'model', 'ema', 'opt', 'rng', 'data_pos'} <= set(ckpt)
+                assert not steps or s >= steps[-1], (steps, s, delays)
+                steps.append(s)
+        assert steps and steps[-1] > 0, f'no checkpoint after 6 kills (delays {delays})'
+        final = steps[-1] + 2
+        log = os.path.join(w.logs, 'many_final')
+        assert launcher.wait(launcher.start(argv(final), log)) == 0, read(log + '.err')
+    finally:
+        launcher.close()
+    assert latest_step(out) == final
+    assert torch.load(train.latest_checkpoint(out), weights_only=True)['step'] == final
+
+
+def test_sigterm_and_sigint_save_and_exit_0(w):
+    """SIGTERM / SIGINT a few steps into a run with no checkpoint due: it saves one, says so, exits 0."""
+    procs = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        out = os.path.join(w.root, f'stop_{sig.name}')
+        procs[sig] = (out, popen_cli(_distill(w, out, 100000, '--ckpt-every', '1000', '--losses', 'fm,cm'),
+                                     os.path.join(w.logs, sig.name)))
+    try:
+        for sig, (out, p) in procs.items():
+            log = os.path.join(w.logs, sig.name)
+            assert wait_for(lambda: 'decm:' in read(log + '.out'), 120, p), read(log + '.err')
+        time.sleep(1.5)                                        # a few steps
+        for sig, (out, p) in procs.items():
+            p.send_signal(sig)
+        for sig, (out, p) in procs.items():
+            log = os.path.join(w.logs, sig.name)
+            rc = p.wait(60)
+            stdout, err = read(log + '.out'), read(log + '.err')
+            assert rc == 0, f'{sig.name}: exit code {rc}\n{err}'
+            assert 'Traceback' not in err, err
+            assert sig.name in stdout and 'stopped' in stdout, stdout
+            step = latest_step(out)
+            assert step is not None and step > 0, stdout
+            ckpt = torch.load(train.latest_checkpoint(out), weights_only=True)
+            assert ckpt['step'] == step
+    finally:
+        for out, p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
