@@ -17,8 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import bench
+import fid
 import losses
 import sample
 import train
@@ -474,7 +476,6 @@ def test_torchrun_sample_shards_into_one_npz(teacher_ckpt, tmp_path):
 
 # ----------------------------------------------------------------------------- VA-VAE decoder
 from model import VAVAEDecoder, decode_to_uint8, load_vavae_decoder, write_adm_npz  # noqa: E402
-from model import VAVAEDecoder, decode_to_uint8, load_vavae_decoder, write_adm_npz
 
 SMALL = dict(ch=32)  # same topology as the release decoder, 4x narrower
 
@@ -671,7 +672,6 @@ def test_tables_writes_every_row_of_table_3_and_table_4(tiny_tables):
 
 
 def test_tables_png_and_sample_grids_are_valid_pngs(tiny_tables):
-    from PIL import Image
     root, _ = tiny_tables
     paths = [root / 'res' / 'tables.png'] + sorted((root / 'res' / 'tables_samples').glob('*.png'))
     assert len(paths) == 1 + 12 + 1                                     # plot, rows a-o less h/j/n, table4
@@ -1247,3 +1247,241 @@ def test_sigterm_and_sigint_save_and_exit_0(w):
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+# ----------------------------------------------------------------------------- fid.py
+def random_inception_state(seed=0):
+    """A state dict in the exact layout of the FID weights file, with random but well-scaled values."""
+    g = torch.Generator().manual_seed(seed)
+    model = fid.InceptionV3()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, fid.ConvBN):
+                w = m.conv.weight
+                w.copy_(torch.randn(w.shape, generator=g) * (2 / w[0].numel()) ** 0.5)   # He init
+                m.bn.weight.uniform_(0.8, 1.2, generator=g)
+                m.bn.bias.normal_(0, 0.1, generator=g)
+                m.bn.running_mean.normal_(0, 0.1, generator=g)
+                m.bn.running_var.uniform_(0.5, 1.5, generator=g)
+    return model.state_dict()
+
+
+def run_fid_cli(*args):
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    return subprocess.run([sys.executable, os.path.join(HERE, 'fid.py'), *map(str, args)],
+                          capture_output=True, text=True, cwd=HERE, env=env, timeout=120)
+
+
+@pytest.fixture(scope='module')
+def weights(tmp_path_factory):
+    path = tmp_path_factory.mktemp('inception') / 'w.pth'
+    torch.save(random_inception_state(), path)
+    return str(path)
+
+
+@pytest.fixture(scope='module')
+def inception_model(weights):
+    return fid.load_inception(weights)
+
+
+def random_images(n, size=32, channels=3, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, channels), dtype=np.uint8)
+
+
+# ---- the network and its weights file ----
+
+def test_state_dict_layout():
+    state = fid.InceptionV3().state_dict()
+    # 94 conv+BN units x 6 entries (conv.weight, bn.weight/bias/running_mean/running_var/num_batches_tracked)
+    # + fc.weight + fc.bias; the real file carries num_batches_tracked too.
+    assert len(state) == 94 * 6 + 2 == 566
+    assert sum(k.endswith('.num_batches_tracked') for k in state) == 94
+    assert state['fc.weight'].shape == (1008, 2048)
+    assert state['Mixed_7c.branch_pool.conv.weight'].shape == (192, 2048, 1, 1)
+    assert not any(k.endswith('conv.bias') for k in state)
+    assert all(m.eps == 1e-3 for m in fid.InceptionV3().modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_load_strict_shapes_and_determinism(weights, inception_model):
+    model = inception_model
+    shapes = {}
+    names = ['Conv2d_4a_3x3', 'Mixed_5b', 'Mixed_5d', 'Mixed_6a', 'Mixed_6e', 'Mixed_7a', 'Mixed_7c']
+    hooks = [getattr(model, n).register_forward_hook(lambda m, i, o, n=n: shapes.__setitem__(n, tuple(o.shape[1:])))
+             for n in names]
+    x = fid.to_inception_input(random_images(2))        # 32x32 inputs are resized to 299x299 inside
+    with torch.no_grad():
+        f1 = model(x)
+    for h in hooks:
+        h.remove()
+    assert shapes == {'Conv2d_4a_3x3': (192, 71, 71), 'Mixed_5b': (256, 35, 35), 'Mixed_5d': (288, 35, 35),
+                      'Mixed_6a': (768, 17, 17), 'Mixed_6e': (768, 17, 17), 'Mixed_7a': (1280, 8, 8),
+                      'Mixed_7c': (2048, 8, 8)}
+    assert f1.shape == (2, 2048) and torch.isfinite(f1).all() and f1.abs().sum() > 0
+    with torch.no_grad():                               # a second, independent load gives the same features
+        f2 = fid.load_inception(weights)(x)
+    assert torch.equal(f1, f2)
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(fid.FIDError, match=fid.WEIGHTS_NAME):
+        fid.load_inception(str(tmp_path / 'nope.pth'))
+    state = fid.InceptionV3().state_dict()
+    state['fc.weight'] = torch.zeros(1000, 2048)
+    del state['Mixed_5b.branch1x1.conv.weight']
+    state['extra.weight'] = torch.zeros(1)
+    torch.save(state, tmp_path / 'bad.pth')
+    with pytest.raises(fid.FIDError) as e:
+        fid.load_inception(str(tmp_path / 'bad.pth'))
+    msg = str(e.value)
+    assert 'Mixed_5b.branch1x1.conv.weight' in msg and 'extra.weight' in msg and 'fc.weight (1000, 2048)' in msg
+    assert '\n' not in msg
+
+
+# ---- statistics and the Frechet distance ----
+
+def test_frechet_identical_and_closed_form():
+    x = np.random.default_rng(0).normal(size=(200, 5))
+    mu, sigma = fid.stats(x)
+    assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-8
+    rng = np.random.default_rng(1)
+    mu1, mu2 = rng.normal(size=7), rng.normal(size=7)
+    s1, s2 = rng.uniform(0.1, 2, 7), rng.uniform(0.1, 2, 7)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum(s1 + s2 - 2 * np.sqrt(s1 * s2))
+    got = fid.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2))
+    assert got == pytest.approx(expected, rel=1e-9)
+    assert fid.frechet_distance(mu2, np.diag(s2), mu1, np.diag(s1)) == pytest.approx(expected, rel=1e-9)
+
+
+def test_frechet_rank_deficient_and_mismatch():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(10, 50)), rng.normal(size=(10, 50)) + 1    # fewer samples than dimensions
+    d = fid.frechet_distance(*fid.stats(x), *fid.stats(y))
+    assert np.isfinite(d) and d > 0
+    with pytest.raises(fid.FIDError):
+        fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+    with pytest.raises(fid.FIDError):
+        fid.stats(np.zeros((1, 3)))
+
+
+def test_accumulate_matches_stats():
+    f = np.random.default_rng(0).normal(size=(37, 6)) + 3
+    mu, sigma = fid.accumulate((torch.from_numpy(f[i:i + 10]).float() for i in range(0, 37, 10)), total=37)
+    mu_ref, sigma_ref = fid.stats(f.astype(np.float32))
+    np.testing.assert_allclose(mu, mu_ref, atol=1e-12)
+    np.testing.assert_allclose(sigma, sigma_ref, atol=1e-10)
+    with pytest.raises(fid.FIDError):
+        fid.accumulate([torch.zeros(1, 6)])
+
+
+def test_pixel_fd():
+    x = torch.rand(300, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    assert abs(fid.pixel_fd(x, x)) < 1e-6
+    # a constant shift c of every pixel moves the mean only: distance = D c^2
+    assert fid.pixel_fd(x, x + 0.1) == pytest.approx(48 * 0.01, abs=1e-6)
+    assert np.isfinite(fid.pixel_fd(x[:8], x[8:16] * 2))                # rank-deficient stays finite
+
+
+def test_stats_file_round_trip(tmp_path):
+    mu, sigma = np.arange(3.0), np.eye(3)
+    fid.save_stats(tmp_path / 's.npz', mu, sigma)
+    assert fid.is_stats_file(str(tmp_path / 's.npz'))
+    m, s = fid.load_stats(str(tmp_path / 's.npz'))
+    assert m.dtype == np.float64 and np.array_equal(m, mu) and np.array_equal(s, sigma)
+
+
+# ---- images ----
+
+def test_load_images_npz_and_folder(tmp_path):
+    imgs = random_images(3, size=8)
+    np.savez(tmp_path / 'a.npz', arr_0=imgs)
+    assert np.array_equal(fid.load_images(str(tmp_path / 'a.npz')), imgs)
+    np.savez(tmp_path / 'gray.npz', arr_0=imgs[..., 0])               # (N, H, W) -> 1 channel
+    gray = fid.load_images(str(tmp_path / 'gray.npz'))
+    assert gray.shape == (3, 8, 8, 1)
+    x = fid.to_inception_input(gray)
+    assert x.shape == (3, 3, 8, 8) and torch.equal(x[:, 0], x[:, 2]) and 0 <= x.min() and x.max() <= 1
+    np.savez(tmp_path / 'float.npz', arr_0=imgs.astype(np.float32))
+    with pytest.raises(fid.FIDError, match='uint8'):
+        fid.load_images(str(tmp_path / 'float.npz'))
+
+    folder = tmp_path / 'imgs'
+    folder.mkdir()
+    for i, im in enumerate(imgs):
+        Image.fromarray(im).save(folder / f'{i}.png')
+    Image.fromarray(imgs[0, ..., 0]).save(folder / '3.png')           # grayscale file -> RGB
+    loaded = fid.load_images(str(folder))
+    assert loaded.shape == (4, 8, 8, 3) and np.array_equal(loaded[:3], imgs)
+    assert np.array_equal(loaded[3], np.repeat(imgs[0, ..., :1], 3, -1))
+
+
+def test_folder_errors(tmp_path):
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(fid.FIDError, match='no .png'):
+        fid.load_images(str(tmp_path / 'empty'))
+    Image.fromarray(random_images(1, size=8)[0]).save(tmp_path / 'a.png')
+    Image.fromarray(random_images(1, size=9)[0]).save(tmp_path / 'b.png')
+    with pytest.raises(fid.FIDError, match='differ in size') as e:
+        fid.load_images(str(tmp_path))
+    assert 'a.png' in str(e.value) and 'b.png' in str(e.value)
+    with pytest.raises(fid.FIDError, match='at least 2'):
+        fid.inception_stats(random_images(1), model=None)
+
+
+def test_folder_npz_and_array_give_same_stats(tmp_path, inception_model):
+    model = inception_model
+    imgs = random_images(3, size=16)
+    np.savez(tmp_path / 'a.npz', arr_0=imgs)
+    (tmp_path / 'imgs').mkdir()
+    for i, im in enumerate(imgs):
+        Image.fromarray(im).save(tmp_path / 'imgs' / f'{i}.png')
+    mu, sigma = fid.inception_stats(imgs, model, batch_size=2)                      # array, batches of 2 + 1
+    for source in (str(tmp_path / 'a.npz'), str(tmp_path / 'imgs')):               # .npz; folder via DataLoader
+        m, s = fid.inception_stats(source, model, batch_size=2)
+        np.testing.assert_allclose(m, mu, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(s, sigma, rtol=0, atol=1e-5)
+    assert mu.shape == (2048,) and sigma.shape == (2048, 2048) and np.allclose(sigma, sigma.T)
+
+
+# ---- command line ----
+
+def test_cli_npz_round_trip(tmp_path, weights):
+    np.savez(tmp_path / 'a.npz', arr_0=random_images(2, seed=1))
+    np.savez(tmp_path / 'b.npz', arr_0=random_images(2, seed=2))
+    r = run_fid_cli(tmp_path / 'a.npz', tmp_path / 'b.npz', '--inception', weights, '--device', 'cpu',
+                '--save-stats', tmp_path / 'a_stats.npz')
+    assert r.returncode == 0, r.stderr
+    line = [l for l in r.stdout.splitlines() if l.startswith('FID: ')]
+    assert len(line) == 1 and np.isfinite(float(line[0][5:]))
+    mu, sigma = fid.load_stats(str(tmp_path / 'a_stats.npz'))
+    assert mu.shape == (2048,) and sigma.shape == (2048, 2048)
+    # two statistics files need no weights (small ones: a 2048-d sqrtm takes ~15 s on one core)
+    fid.save_stats(tmp_path / 's1.npz', np.zeros(3), np.eye(3))
+    fid.save_stats(tmp_path / 's2.npz', np.ones(3), np.eye(3))
+    r = run_fid_cli(tmp_path / 's1.npz', tmp_path / 's2.npz')
+    assert r.returncode == 0 and r.stdout.strip() == 'FID: 3.0000', r.stderr
+
+
+def test_cli_errors(tmp_path, weights):
+    np.savez(tmp_path / 'a.npz', arr_0=random_images(2, size=8))
+    r = run_fid_cli(tmp_path / 'a.npz', tmp_path / 'a.npz')             # no --inception
+    assert r.returncode == 2 and r.stdout == ''
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith('error: ')
+    assert fid.WEIGHTS_NAME in r.stderr and '--inception' in r.stderr
+    folder = tmp_path / 'mixed'
+    folder.mkdir()
+    Image.fromarray(random_images(1, size=8)[0]).save(folder / 'a.png')
+    Image.fromarray(random_images(1, size=9)[0]).save(folder / 'b.png')
+    r = run_fid_cli(folder, tmp_path / 'a.npz', '--inception', weights, '--num-workers', '0')
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and 'differ in size' in r.stderr
+
+
+def test_sample_npz_round_trips_through_fid(teacher_ckpt, weights, tmp_path):
+    """An .npz written by sample.py is read by fid.py as the images it holds, and the CLI scores it."""
+    sample.main(['--ckpt', teacher_ckpt, '--num-samples', '6', '--nfe', '1', '--out', str(tmp_path / 's')])
+    npz = tmp_path / 's' / 'samples.npz'
+    images = fid.load_images(str(npz))
+    assert images.dtype == np.uint8 and images.shape == (6, 8, 8, 1)
+    assert np.array_equal(images, np.load(npz)['arr_0'])
+    out = run_fid_cli(str(npz), str(npz), '--inception', weights)
+    assert out.returncode == 0 and re.search(r'FID: -?\d+\.\d+', out.stdout), out.stderr
+    assert abs(float(out.stdout.split('FID:')[1])) < 1.0                # the same set: about 0
