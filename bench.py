@@ -199,13 +199,13 @@ def pipeline(a):
     t0 = time.time()
     runs = a.runs
     teacher_dir, decm_dir = os.path.join(runs, 'teacher'), os.path.join(runs, 'decm')
-    base = ['--seed', str(a.seed), '--batch', str(a.batch)]
+    base = ['--seed', str(a.seed)]
     if not a.skip_teacher:
-        run_train(base + ['--losses', 'fm', '--teacher', 'none', '--out', teacher_dir, '--steps',
+        run_train(base + ['--batch', str(a.batch), '--losses', 'fm', '--teacher', 'none', '--out', teacher_dir, '--steps',
                            str(a.teacher_steps), '--lr', str(a.teacher_lr), '--resume', 'auto'])
     t1 = time.time()
     teacher_ckpt = train.latest_checkpoint(teacher_dir)
-    run_train(base + ['--teacher', teacher_ckpt, '--out', decm_dir, '--steps', str(a.decm_steps),
+    run_train(base + ['--batch', str(a.decm_batch), '--teacher', teacher_ckpt, '--out', decm_dir, '--steps', str(a.decm_steps),
                        '--lr', str(a.decm_lr), '--w-cfg', str(a.w_cfg), '--resume', 'auto'] + a.extra)
     t2 = time.time()
     real2, real_y = real_pixels(2 * a.n)
@@ -732,10 +732,11 @@ def main(argv=None):
     p.add_argument('--teacher-steps', type=int, default=2000, help='teacher flow-matching iterations')
     p.add_argument('--teacher-lr', type=float, default=1e-3, help='teacher learning rate')
     p.add_argument('--skip-teacher', action='store_true', help='reuse RUNS/teacher as it is')
-    p.add_argument('--decm-steps', type=int, default=800, help='DE-CM iterations')
+    p.add_argument('--decm-steps', type=int, default=400, help='DE-CM iterations')
+    p.add_argument('--decm-batch', type=int, default=64, help='DE-CM batch size')
     p.add_argument('--decm-lr', type=float, default=3e-4, help='DE-CM learning rate')
     p.add_argument('--w-cfg', type=float, default=2.0, help='CFG weight (teacher sampler and distillation)')
-    p.add_argument('--batch', type=int, default=128, help='batch size of both runs')
+    p.add_argument('--batch', type=int, default=128, help='teacher batch size')
     p.add_argument('--n', type=int, default=2000, help='samples per FD')
     p.add_argument('--seed', type=int, default=0, help='seed of both runs')
     p.add_argument('extra', nargs='*', help='more train.py flags for the DE-CM run (after --)')
