@@ -7,6 +7,7 @@
                                one teacher, then every Table 3 variant distilled from it with the same
                                budget and seed -> results/tables.md (our pixel FD beside the paper's FID),
                                results/tables.png (FD against NFE) and results/tables_samples/*.png
+    python bench.py estimate   time and memory of the paper's run, from a measured CPU iteration of XL/1
     python bench.py speed      iteration and sampling times, peak memory, the DE-CM iteration against the
                                sum of the passes it cannot avoid -> results/speed.md
 
@@ -723,6 +724,70 @@ def speed(a):
 
 
 # ----------------------------------------------------------------------------- command line
+def estimate(a):
+    """Paper-scale cost (Sec. 5.1) from a measured CPU iteration of the XL/1 preset: FLOPs of one forward
+    pass counted by torch's FlopCounterMode, the average DE-CM iteration at freq 3 timed on this CPU at a
+    small batch and expressed in forward passes, activation memory per sample measured, and these scaled
+    to the paper's run on GPUs under a stated throughput assumption."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from model import DiT, student_from_teacher
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    B, dev = a.batch, torch.device('cpu')
+    teacher = DiT('XL/1', in_channels=32, input_size=16, num_classes=1000, s_embed=False)
+    with torch.no_grad():                                      # non-zero adaLN: realistic work everywhere
+        for p in teacher.parameters():
+            p.add_(1e-3 * torch.randn_like(p))
+    teacher.requires_grad_(False)
+    student = student_from_teacher(teacher)
+    ema = student_from_teacher(teacher).requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-4)
+    x, y = torch.randn(B, 32, 16, 16), torch.randint(0, 1000, (B,))
+    t = torch.rand(B)
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        student(x[:1], t[:1], t[:1], y[:1])
+    fwd_flops = fc.get_total_flops()                           # one sample, one forward pass
+    args = train.parse_args(['--freq', '3'])
+    off = torch.autocast('cpu', enabled=False)
+    with torch.no_grad():
+        t_fwd = timed(lambda: student(x, t, t, y), 1, dev)
+    step = {'it': 0}
+
+    def iteration():                                           # cycles through it % 3 = 1, 2, 0
+        step['it'] += 1
+        train.train_step(student, ema, teacher, opt, (x, y), step['it'], args, 1, off)
+    iteration()                                                # warm-up, AdamW state allocated
+    mem = peak_extra_bytes(lambda: train.train_step(student, ema, teacher, opt, (x, y), 0, args, 1, off), dev)
+    t_it = statistics.mean(timed(iteration, 1, dev, warmup=0) for _ in range(3))
+    fwd_per_it = t_it / t_fwd                                  # the average iteration in forward passes
+    params = sum(p.numel() for p in student.parameters())
+    state_gb = params * 4 * (1 + 1 + 2 + 1 + 1) / 1e9          # student, grads, AdamW (2), EMA, teacher fp32
+    per_gpu = a.global_batch // a.gpus
+    iters = a.epochs * 1_281_167 // a.global_batch
+    flops_it = fwd_flops * fwd_per_it * a.global_batch
+    hours = iters * flops_it / (a.gpus * a.tflops * 1e12) / 3600
+    act_gb = (mem or 0) / B * per_gpu / 1e9
+    lines = [
+        f'XL/1: {params / 1e6:.1f}M parameters; one forward pass of one 32x16x16 latent: {fwd_flops / 1e9:.0f} GFLOP '
+        f'(FlopCounterMode).',
+        f'Measured on this CPU ({torch.get_num_threads()} threads, batch {B}, fp32): forward {t_fwd:.2f} s, '
+        f'average DE-CM iteration (freq 3, fused JVPs, teacher CFG and Eq. 13 v_psi) {t_it:.1f} s = '
+        f'{fwd_per_it:.1f} forward passes; peak activation memory of an N2N iteration '
+        f'{(mem or 0) / B / 1e9:.2f} GB per sample.',
+        f'Paper run (Sec. 5.1: 250 epochs of 1,281,167 images; the batch is not given, we take LightningDiT\'s '
+        f'{a.global_batch} on {a.gpus} GPUs = {per_gpu} per GPU): {iters:,} iterations, '
+        f'{flops_it / 1e15:.1f} PFLOP each.',
+        f'Time at a sustained {a.tflops:.0f} TFLOP/s per GPU (about 40% of an A100\'s bf16 peak; the JVPs run '
+        f'in fp32/TF32): {hours:.0f} hours ({hours / 24:.1f} days; the paper: about 3 days on 64 A100s).',
+        f'Memory per GPU: {state_gb:.1f} GB of weights and optimizer state (fp32 student, gradients, AdamW, EMA, '
+        f'teacher) + about {act_gb:.0f} GB of activations at {per_gpu} per GPU in fp32 (less under bf16 '
+        f'autocast; `--no-fused` cuts the JVP share by about 2.5x).',
+        f'Command: python bench.py estimate {" ".join(sys.argv[2:])}']
+    write_atomic(os.path.join(a.results, 'estimate.md'), '\n'.join(lines) + '\n')
+    print('\n'.join(lines))
+
+
 def main(argv=None):
     ap = train.cli_parser(__doc__)
     sub = ap.add_subparsers(dest='cmd', required=True)
@@ -765,6 +830,14 @@ def main(argv=None):
     p.add_argument('--threads', type=int, default=0, help='torch.set_num_threads (0: leave the default); '
                    '1 is much faster than 2 on a 2-core machine that something else keeps busy')
 
+    p = sub.add_parser('estimate', help="paper-scale time and memory from a measured CPU step of XL/1")
+    p.add_argument('--batch', type=int, default=1, help='CPU batch of the measured XL/1 iterations')
+    p.add_argument('--threads', type=int, default=0, help='torch.set_num_threads (0: leave the default)')
+    p.add_argument('--global-batch', type=int, default=1024, help='global batch of the paper run')
+    p.add_argument('--gpus', type=int, default=64, help='GPUs of the paper run')
+    p.add_argument('--epochs', type=int, default=250, help='ImageNet epochs of the paper run')
+    p.add_argument('--tflops', type=float, default=125.0, help='assumed sustained TFLOP/s per GPU')
+    p.add_argument('--results', default=RESULTS, help='folder for estimate.md')
     p = sub.add_parser('speed', help='iteration and sampling times, memory, DE-CM iteration vs its floor')
     p.add_argument('--presets', nargs='+', default=['tiny', 'small'], choices=list(train.PRESETS),
                    help='model presets to measure')
@@ -779,7 +852,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     a.command = ' '.join(sys.argv[1:] if argv is None else argv)
     try:
-        {'pipeline': pipeline, 'tables': tables, 'speed': speed}[a.cmd](a)
+        {'pipeline': pipeline, 'tables': tables, 'speed': speed, 'estimate': estimate}[a.cmd](a)
     except ValueError as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
