@@ -1485,3 +1485,9 @@ def test_sample_npz_round_trips_through_fid(teacher_ckpt, weights, tmp_path):
     out = run_fid_cli(str(npz), str(npz), '--inception', weights)
     assert out.returncode == 0 and re.search(r'FID: -?\d+\.\d+', out.stdout), out.stderr
     assert abs(float(out.stdout.split('FID:')[1])) < 1.0                # the same set: about 0
+
+
+def test_estimate_writes_the_paper_scale_figures(tmp_path):
+    run_bench('estimate', '--preset', 'tiny', '--threads', '1', '--results', str(tmp_path))
+    text = (tmp_path / 'estimate.md').read_text()
+    assert 'PFLOP' in text and 'hours' in text and 'GB of activations per sample' in text
