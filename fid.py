@@ -470,6 +470,11 @@ def main():
                    help='processes decoding image folders (default: min(4, number of CPUs))')
     p.add_argument('--save-stats', default=None, metavar='OUT.npz',
                    help='also write the statistics (mu, sigma) of SAMPLES to OUT.npz (default: none)')
+
+    def one_line_error(msg):                                   # `error: ...`, exit 2, no usage block
+        print(f'error: {msg}', file=sys.stderr)
+        sys.exit(2)
+    p.error = one_line_error
     args = p.parse_args()
     if args.ref is None and args.save_stats is None:
         p.error('REF is required unless --save-stats is given')

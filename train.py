@@ -289,10 +289,16 @@ def save_checkpoint(out, obj, step, keep):
     Keeps the newest `keep` checkpoints. A kill at any moment leaves `latest` loadable."""
     name = f'ckpt_{step:07d}.pt'
     tmp = os.path.join(out, f'.{name}.tmp')
-    with open(tmp, 'wb') as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:                                       # disk full, quota: keep the last good one
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise ValueError(f'cannot write checkpoint {name} in {out} ({e.strerror or e}); the previous '
+                         f'checkpoint ({latest_checkpoint(out)}) is intact')
     os.replace(tmp, os.path.join(out, name))
     with open(os.path.join(out, '.latest.tmp'), 'w') as f:
         f.write(name + '\n')
