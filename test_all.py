@@ -1100,8 +1100,9 @@ def test_failed_save_keeps_previous_latest(tmp_path, monkeypatch):
         f.write(b'PK\x03\x04 partial')
         raise OSError(28, 'No space left on device')
     monkeypatch.setattr(torch, 'save', half_save)
-    with pytest.raises(OSError):
+    with pytest.raises(ValueError, match='No space left on device.*intact'):   # one line for the user
         train.save_checkpoint(out, obj(2), 2, keep=2)
+    assert not any(f.endswith('.tmp') for f in os.listdir(out))
     monkeypatch.setattr(torch, 'save', real_save)
     assert latest_step(out) == 1
     assert torch.load(train.latest_checkpoint(out), weights_only=True)['step'] == 1
