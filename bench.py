@@ -24,7 +24,7 @@ tiny preset at batch 128, 2 threads: a teacher (FM) iteration 0.29 s, CM+FM 0.94
 iteration (freq 1) 2.1 s, so about 1.3 s at freq 3 and about 11.7 s for one iteration of all ten
 distillation runs; one NFE costs about 0.8 s per 1,000 samples (sampling batch 500). The default is
   --teacher-steps 1500 (pipeline: 2000)   ~7 min
-  --decm-steps 150 per variant (pipeline: 800)  ~29 min for the ten runs
+  --decm-steps 200 per variant at batch 64, lr 1e-3 (pipeline: 400)  ~25 min for the ten runs
   --n 1000 samples per FD (pipeline: 2000)  ~12 min of sampling
 and `--quick` (about 5 minutes, same code) uses 200 / 8 / 200. Runs resume (`--resume auto`) and are
 checked against the flags they were made with, so an interrupted `tables` continues where it stopped.
@@ -318,7 +318,7 @@ def tables(a):
     if a.threads > 0:
         torch.set_num_threads(a.threads)
     a.teacher_steps = a.teacher_steps or (200 if quick else 1500)
-    a.decm_steps = a.decm_steps or (8 if quick else 150)
+    a.decm_steps = a.decm_steps or (8 if quick else 200)
     a.n = a.n or (200 if quick else 1000)
     a.runs = a.runs or ('runs/tables-quick' if quick else 'runs/tables')
     name = 'tables_quick' if quick else 'tables'
@@ -439,7 +439,7 @@ def tables(a):
               f'iterations (lr {a.decm_lr:g}, CFG w {a.w_cfg:g}), batch {a.batch}, seed {a.seed}')
     lines += ['', f'Mix sampler: {mix}.', '',
               f'Budget: {budget}. The paper trains 250 epochs on ImageNet; the default here (1500 teacher and '
-              f'150 DE-CM iterations per variant, n = 1000; pipeline: 2000 / 800 / 2000) is cut so that the '
+              f'200 DE-CM iterations per variant at batch 64, n = 1000; pipeline: 2000 / 400 / 2000) is cut so that the '
               f'whole command fits one hour on 2 CPU cores; `--quick` uses 200 / 8 / 200. At this budget the rows '
               f'compare short distillation runs, not converged models.',
               f'Time: training {t1 - t0:.0f} s (' + ', '.join(f'{k} {v:.0f} s' for k, v in times.items())
@@ -829,9 +829,9 @@ def main(argv=None):
     p.add_argument('--teacher-lr', type=float, default=1e-3, help='teacher learning rate')
     p.add_argument('--decm-steps', type=int, default=None, help='DE-CM iterations of every variant '
                    '(default 150, quick 8)')
-    p.add_argument('--decm-lr', type=float, default=3e-4, help='DE-CM learning rate of every variant')
+    p.add_argument('--decm-lr', type=float, default=1e-3, help='DE-CM learning rate of every variant')
     p.add_argument('--w-cfg', type=float, default=2.0, help='CFG weight: distillation and row (b)')
-    p.add_argument('--batch', type=int, default=128, help='batch size of every run')
+    p.add_argument('--batch', type=int, default=64, help='batch size of every run')
     p.add_argument('--n', type=int, default=None, help='samples per FD (default 1000, quick 200)')
     p.add_argument('--seed', type=int, default=0, help='seed of every run and of the sampling noise')
     p.add_argument('--threads', type=int, default=0, help='torch.set_num_threads (0: leave the default); '
