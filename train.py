@@ -203,6 +203,7 @@ def update(loss, model, ema, opt, args, world):
     if world > 1:
         all_reduce_grads(params, world)
     gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float('inf'))
+    # the NaN guard: one host sync per update (the same decision on every rank: gradients are all-reduced)
     if not (torch.isfinite(gnorm) and torch.isfinite(loss.detach())):
         opt.zero_grad(set_to_none=True)
         return False
