@@ -525,6 +525,7 @@ def train(args):
         nan_run = 0 if ok else nan_run + 1
         if nan_run >= args.nan_patience:
             bad = {k: float(v) for k, v in log.items()}
+            bar.close()
             print(f'\nerror: training stopped at step {step}: {nan_run} non-finite updates in a row '
                   f'(losses {bad}); the last good checkpoint is {last_good}', file=sys.stderr)
             sys.exit(1)
