@@ -24,9 +24,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from model import DiT, load_dit_state
+from model import DiT, load_dit_state, write_adm_npz
 from teacher import load_teacher, cfg_velocity, read_checkpoint, resolve_checkpoint
-from train import cli_parser, latest_checkpoint, LatentFolder, BUILTIN_DIR
+from train import cli_parser, LatentFolder, BUILTIN_DIR
 
 
 def bcast(t, x):
@@ -152,6 +152,7 @@ def save_grid(path, images_nhwc, labels, per_row=10, max_rows=10):
 
 
 def save_npz(path, **arrays):
+    """Latents (no --vae): written atomically, like the images' write_adm_npz."""
     tmp = path + '.tmp.npz'
     np.savez(tmp, **arrays)
     os.replace(tmp, path)
@@ -252,7 +253,7 @@ def run(args):
     else:
         images = None
     if images is not None:
-        save_npz(npz, arr_0=images.numpy(), arr_1=y.numpy(), samples=x.numpy())
+        write_adm_npz(npz, images, labels=y)                 # ADM's format: arr_0 uint8 NHWC, arr_1
         save_grid(os.path.join(args.out, 'grid.png'), images, y)
         print(f'wrote {npz} and {os.path.join(args.out, "grid.png")}')
     else:

@@ -28,7 +28,6 @@ import os
 import random
 import signal
 import sys
-import time
 
 import numpy as np
 import torch
@@ -224,7 +223,6 @@ def draw(x_ref, args):
 def train_step(student, ema, teacher, opt, batch, it, args, world, autocast, draws=None):
     """One iteration of Algorithm 1 on a normalised batch (x_ref, y). Returns (logged losses, ok)."""
     x_ref, y = batch
-    dev, B = x_ref.device, x_ref.shape[0]
     names = args.loss_set
     d = draws if draws is not None else draw(x_ref, args)
     if teacher is None and args.class_drop > 0:                # teacher training: CFG label dropout
