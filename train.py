@@ -23,11 +23,13 @@ SIGINT/SIGTERM save a checkpoint and exit.
 """
 import argparse
 import glob
+import json
 import math
 import os
 import random
 import signal
 import sys
+import time
 
 import numpy as np
 import torch
@@ -195,7 +197,8 @@ def all_reduce_grads(params, world):
 
 
 def update(loss, model, ema, opt, args, world):
-    """Alg.1 l.15 / l.28: F_theta, F_ema <- update(F_theta, loss). Returns False if skipped (non-finite)."""
+    """Alg.1 l.15 / l.28: F_theta, F_ema <- update(F_theta, loss). Returns (ok, gradient norm before
+    clipping); ok is False if the update was skipped (non-finite loss or gradient)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -205,12 +208,12 @@ def update(loss, model, ema, opt, args, world):
     # the NaN guard: one host sync per update (the same decision on every rank: gradients are all-reduced)
     if not (torch.isfinite(gnorm) and torch.isfinite(loss.detach())):
         opt.zero_grad(set_to_none=True)
-        return False
+        return False, gnorm.detach()
     opt.step()
     with torch.no_grad():
         ema_params = [e for e, p in zip(ema.parameters(), model.parameters()) if p.requires_grad]
         torch._foreach_lerp_(ema_params, params, 1 - args.ema)
-    return True
+    return True, gnorm.detach()
 
 
 def draw(x_ref, args):
@@ -221,7 +224,9 @@ def draw(x_ref, args):
 
 
 def train_step(student, ema, teacher, opt, batch, it, args, world, autocast, draws=None):
-    """One iteration of Algorithm 1 on a normalised batch (x_ref, y). Returns (logged losses, ok)."""
+    """One iteration of Algorithm 1 on a normalised batch (x_ref, y). Returns (log, ok): log holds the losses
+    (cm, fm, n2n, fm2), the gradient norms before clipping of the two updates (grad_norm, grad_norm2) and
+    the number of skipped updates (skipped), all tensors; ok is False if an update was skipped."""
     x_ref, y = batch
     names = args.loss_set
     d = draws if draws is not None else draw(x_ref, args)
@@ -232,7 +237,7 @@ def train_step(student, ema, teacher, opt, batch, it, args, world, autocast, dra
     vel = dict(w_cfg=args.w_cfg, eta=args.eta, vnorm=args.vnorm)
     with torch.no_grad(), autocast:                            # l.5-6
         v_t = teacher_velocity(teacher, x_t, t, y, z, x_ref, **vel).to(x_ref.dtype)
-    log, ok = {}, True
+    log, skipped = {}, 0
     loss = 0.0
     if 'cm' in names:                                          # l.8-11
         log['cm'], _ = losses.cm_loss(student, x_t, t, y, v_t, args.w1, args.p, args.c, args.fused)
@@ -242,7 +247,8 @@ def train_step(student, ema, teacher, opt, batch, it, args, world, autocast, dra
             log['fm'] = losses.fm_loss(student, x_t, t, y, v_t, args.p, args.c)
         loss = loss + log['fm']
     if torch.is_tensor(loss):
-        ok &= update(loss, student, ema, opt, args, world)    # l.15
+        ok, log['grad_norm'] = update(loss, student, ema, opt, args, world)   # l.15
+        skipped += not ok
     if 'n2n' in names and it % args.freq == 0:                 # l.17
         r = torch.minimum(d['r'], t)                           # l.18: r -> 0, r <= t
         x_r = (1 - losses.bcast(r, z)) * z + losses.bcast(r, z) * x_ref   # l.19
@@ -262,8 +268,10 @@ def train_step(student, ema, teacher, opt, batch, it, args, world, autocast, dra
             with autocast:
                 log['fm2'] = losses.fm_loss(student, x_t, t, y, v_t, args.p, args.c)
             loss2 = loss2 + log['fm2']
-        ok &= update(loss2, student, ema, opt, args, world)   # l.28
-    return {k: v.detach() for k, v in log.items()}, ok
+        ok, log['grad_norm2'] = update(loss2, student, ema, opt, args, world)   # l.28
+        skipped += not ok
+    log['skipped'] = torch.tensor(float(skipped))
+    return {k: v.detach() for k, v in log.items()}, skipped == 0
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -328,6 +336,248 @@ def load_student_checkpoint(path):
     return ckpt
 
 
+# ----------------------------------------------------------------------------- watching a run
+# OUT/log.jsonl: one JSON object per line, {"step": ..., ...}. Training lines (every --log-every) hold the
+# means over the iterations since the previous line; evaluation lines (every --eval-every) the quality
+# figures; a step that has both gets one line. On resume the lines after the checkpoint's step are dropped
+# (they are computed again), and the running sums are in the checkpoint, so the log of a resumed run has
+# every step once and the same losses as an uninterrupted run.
+def read_log(path):
+    """The records of a log.jsonl (a line cut short by a kill is skipped)."""
+    if not os.path.exists(path):
+        return []
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get('step'), int):
+                records.append(rec)
+    return records
+
+
+def trim_log(path, step):
+    """Keep the records up to `step` (the checkpoint a run resumes from; 0 for a fresh run). Atomic."""
+    if not os.path.exists(path):
+        return
+    keep = [r for r in read_log(path) if r['step'] <= step]
+    with open(path + '.tmp', 'w') as f:
+        f.writelines(json.dumps(r) + '\n' for r in keep)
+    os.replace(path + '.tmp', path)
+
+
+def append_log(path, record):
+    """One JSON line (non-finite numbers are written as null, which every JSON reader accepts)."""
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+    with open(path, 'a') as f:
+        f.write(json.dumps(clean) + '\n')
+        f.flush()
+
+
+def image_grid(images, cols):
+    """uint8 (N, H, W, C) -> one uint8 (rows * H, cols * W, C) grid of the first cols^2 images."""
+    n = min(len(images), cols * cols)
+    rows = (n + cols - 1) // cols
+    H, W, C = images.shape[1:]
+    grid = np.zeros((rows * H, cols * W, C), np.uint8)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        grid[r * H:(r + 1) * H, c * W:(c + 1) * W] = images[i]
+    return grid
+
+
+def save_eval_grid(path, panels):
+    """Side-by-side grids [(title, uint8 grid HWC)] with their titles, small images enlarged. Atomic."""
+    from PIL import Image, ImageDraw
+    ims = []
+    for _, g in panels:
+        im = Image.fromarray(g[..., 0] if g.shape[-1] == 1 else g).convert('RGB')
+        scale = max(1, min(4, 320 // im.width))
+        ims.append(im.resize((im.width * scale, im.height * scale), Image.NEAREST))
+    pad, title = 8, 16
+    canvas = Image.new('RGB', (sum(im.width for im in ims) + pad * (len(ims) + 1),
+                               max(im.height for im in ims) + title + 2 * pad), 'white')
+    draw = ImageDraw.Draw(canvas)
+    x0 = pad
+    for (name, _), im in zip(panels, ims):
+        draw.text((x0, 4), name, fill='black')
+        canvas.paste(im, (x0, title + pad))
+        x0 += im.width + pad
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    canvas.save(path + '.tmp.png')
+    os.replace(path + '.tmp.png', path)
+
+
+def nice_ticks(lo, hi, n=5):
+    """About n round values (1, 2, 5 x 10^k steps) covering [lo, hi]."""
+    span = max(hi - lo, 1e-12)
+    raw = span / n
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
+    return [k * step for k in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
+
+
+def smooth(ys, frac=0.05):
+    """Moving average over a window of frac of the points (at least 1): the curve without the noise."""
+    k = max(1, int(len(ys) * frac))
+    out, acc = [], 0.0
+    for i, y in enumerate(ys):
+        acc += y
+        if i >= k:
+            acc -= ys[i - k]
+        out.append(acc / min(i + 1, k))
+    return out
+
+
+def plot_curves(path, records):
+    """OUT/curves.png: the losses (smoothed), the gradient norm and the quality figures against the
+    iteration, one panel each, log y axes. Pillow only. Atomic."""
+    from PIL import Image, ImageDraw, ImageFont
+    try:
+        font = ImageFont.load_default(size=12)
+    except TypeError:                                          # pillow < 10.1
+        font = ImageFont.load_default()
+    quality = sorted({k for r in records for k in r if k.startswith(('fd_', 'fid_'))})
+    panels = [('losses (smoothed)', ['cm', 'fm', 'n2n', 'fm2']),
+              ('gradient norm before clipping (smoothed)', ['grad_norm', 'grad_norm2']),
+              ('EMA samples: ' + ('FID' if any(k.startswith('fid') for k in quality) else 'pixel FD') +
+               ' (CM sampler)', quality)]
+    colors = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]
+    pw, ph, ml, mr, mt, mb = 420, 320, 56, 12, 40, 36
+    im = Image.new('RGB', (pw * len(panels), ph), 'white')
+    d = ImageDraw.Draw(im)
+    for p, (title, keys) in enumerate(panels):
+        ox = p * pw
+        d.text((ox + 6, 6), title, fill='black', font=font)
+        series = {}
+        for k in keys:
+            pts = [(r['step'], r[k]) for r in records if isinstance(r.get(k), (int, float)) and r[k] > 0]
+            if pts:
+                ys = [y for _, y in pts] if k in quality else smooth([y for _, y in pts])
+                series[k] = [(x, y) for (x, _), y in zip(pts, ys)]
+        x0, x1, y0, y1 = ox + ml, ox + pw - mr, ph - mb, mt
+        d.rectangle([x0, y1, x1, y0], outline='black')
+        if not series:
+            d.text((x0 + 10, (y0 + y1) // 2), 'nothing yet' if keys else 'no evaluation', fill='gray', font=font)
+            continue
+        xs = [x for s in series.values() for x, _ in s]
+        ly = [math.log10(y) for s in series.values() for _, y in s]
+        xa, xb = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+        la, lb = min(ly), max(ly)
+        la, lb = (la - 0.5, lb + 0.5) if lb - la < 1e-6 else (la - 0.05 * (lb - la), lb + 0.05 * (lb - la))
+        X = lambda x: x0 + (x - xa) / (xb - xa) * (x1 - x0)
+        Y = lambda y: y0 - (math.log10(y) - la) / (lb - la) * (y0 - y1)
+        for e in range(math.floor(la), math.ceil(lb) + 1):     # y grid: 1, 2, 5 x 10^e inside the range
+            for m in (1, 2, 5):
+                v = m * 10.0 ** e
+                if la <= math.log10(v) <= lb:
+                    d.line([(x0, Y(v)), (x1, Y(v))], fill=(200, 200, 200) if m == 1 else (232, 232, 232))
+                    d.text((x0 - 4, Y(v)), f'{v:g}', fill='black', font=font, anchor='rm')
+        for t in nice_ticks(xa, xb):
+            d.line([(X(t), y0), (X(t), y0 + 4)], fill='black')
+            d.text((X(t), y0 + 6), f'{t:g}', fill='black', font=font, anchor='mt')
+        d.text(((x0 + x1) / 2, ph - 4), 'iteration', fill='black', font=font, anchor='mb')
+        for i, (k, s) in enumerate(series.items()):
+            col = colors[i % len(colors)]
+            pts = [(X(x), Y(y)) for x, y in s]
+            if len(pts) > 1:
+                d.line(pts, fill=col, width=2)
+            if k in quality or len(pts) == 1:
+                for px, py in pts:
+                    d.ellipse([px - 3, py - 3, px + 3, py + 3], fill=col)
+            d.line([(x1 - 90, y1 + 10 + 14 * i), (x1 - 74, y1 + 10 + 14 * i)], fill=col, width=3)
+            d.text((x1 - 70, y1 + 4 + 14 * i), f'{k} {s[-1][1]:.3g}', fill='black', font=font)
+    im.save(path + '.tmp.png')
+    os.replace(path + '.tmp.png', path)
+
+
+def print_startup(args, student, teacher, data, ds, world, dev, use_amp, per_epoch, step, evaluator):
+    """The block that says what will run, before the first iteration (rank 0)."""
+    say = lambda text: print('decm: ' + text)
+    n_params = lambda m: sum(p.numel() for p in m.parameters()) / 1e6
+    what = 'flow-matching (teacher) training' if args.loss_set == ['fm'] and teacher is None else 'DE-CM (Algorithm 1)'
+    say(f'{what}: losses {",".join(args.loss_set)}' + (f' (N2N update every {args.freq} iterations)' if 'n2n' in
+        args.loss_set else '') + f'; teacher {args.teacher}' + (f' ({n_params(teacher):.2f}M parameters)'
+                                                               if teacher is not None else ''))
+    cfg = student.config
+    say(f'student: {cfg["preset"]} preset, {n_params(student):.2f}M parameters, {cfg["num_classes"]} classes, '
+        f'EMA decay {args.ema}')
+    say(f'data {data}: {len(ds)} items of shape {tuple(ds.shape)}, {per_epoch} iterations per epoch')
+    say(f'batch {args.batch} global = {args.batch // world} per rank x {world} rank(s), gradient accumulation '
+        f'{getattr(args, "accum", 1)}; device {dev}')
+    say(f'dtypes: weights, gradients, AdamW and EMA fp32; network passes {"bf16 autocast" if use_amp else "fp32"}; '
+        f'JVPs fp32' + ('; TF32 matmuls on' if dev.type == 'cuda' else ''))
+    say(f'iterations {step} -> {args.steps}' + (' (resumed)' if step else '') + f'; checkpoint every '
+        f'{args.ckpt_every} in {args.out}; every {args.log_every} a line in {os.path.join(args.out, "log.jsonl")}')
+    say('evaluation: ' + (evaluator.describe() if evaluator is not None else 'off (--eval-every N turns it on)'))
+    say('flags changed from the defaults: ' + (' '.join(changed_flags(args)) or 'none'))
+
+
+class Evaluator:
+    """--eval-every: samples of the EMA network with the CM sampler at 1 and 2 NFE, from the same noise and
+    labels at every evaluation (seeded private generators: the global RNG, hence training, is untouched),
+    a grid OUT/samples/step_XXXXXXX.png, and a quality figure on --eval-samples samples: the pixel FD
+    (fid.pixel_fd) against as many training images for 1- or 3-channel data, FID for latents decoded with
+    --vae (against --fid-ref with --inception)."""
+    NFES = (1, 2)
+
+    def __init__(self, ds, args, dev, batch):
+        import fid
+        self.ds, self.args, self.dev, self.batch = ds, args, dev, batch
+        self.pixels = ds.shape[0] in (1, 3)
+        self.vae = self.inception = self.ref_stats = self.real = None
+        if self.pixels:                                        # a fixed random subset of the training data
+            idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(1))[:args.eval_samples]
+            self.real = torch.stack([ds[i][0] for i in idx.tolist()]).float().numpy()
+        else:
+            from model import load_vavae_decoder
+            self.vae = load_vavae_decoder(args.vae, dev)
+            if args.fid_ref:
+                self.inception = fid.load_inception(args.inception, dev) if args.inception else None
+                self.ref_stats = fid.source_stats(args.fid_ref, self.inception)[:2]
+
+    def describe(self):
+        n, D = self.args.eval_samples, int(np.prod(self.ds.shape))
+        if self.pixels:
+            what = f'pixel FD of {n} samples against {len(self.real)} training images ({D} pixels)'
+            if n <= D:
+                what += f' (warning: {n} <= {D} pixels: singular covariance, the FD is biased high)'
+        else:
+            what = (f'FID of {n} decoded samples against {self.args.fid_ref}' if self.args.fid_ref else
+                    'no quality figure (give --fid-ref and --inception for FID)')
+        return f'every {self.args.eval_every} iterations: CM sampler at 1 and 2 NFE, EMA weights, {what}'
+
+    @torch.no_grad()
+    def __call__(self, ema, step, autocast, stats):
+        import fid
+        import sample
+        t0 = time.time()
+        a, rec, panels = self.args, {}, []
+        cols = 10 if self.ds.shape[1] <= 64 else 4
+        for nfe in self.NFES:
+            with autocast:
+                xs, _, _ = sample.generate(ema, 'cm', a.eval_samples, nfe, ema.num_classes, seed=a.seed,
+                                           batch=self.batch, device=self.dev, progress=False)
+            x = torch.cat([xs[k] for k in sorted(xs)]).float() * stats['std'].cpu() + stats['mean'].cpu()
+            if self.pixels:
+                images = sample.to_uint8(x).numpy()
+                rec[f'fd_nfe{nfe}'] = fid.pixel_fd(x.numpy(), self.real)
+            else:
+                from model import decode_to_uint8
+                images = np.concatenate([decode_to_uint8(self.vae, x[i:i + 16].to(self.dev)).cpu().numpy()
+                                         for i in range(0, len(x), 16)])
+                if self.ref_stats is not None:
+                    mu, sigma = fid.inception_stats(images, self.inception)
+                    rec[f'fid_nfe{nfe}'] = fid.frechet_distance(mu, sigma, *self.ref_stats)
+            panels.append((f'CM sampler, {nfe} NFE (EMA, step {step})', image_grid(images, cols)))
+        save_eval_grid(os.path.join(a.out, 'samples', f'step_{step:07d}.png'), panels)
+        rec['eval_samples'] = a.eval_samples
+        rec['eval_s'] = round(time.time() - t0, 3)
+        return rec
+
+
 # ----------------------------------------------------------------------------- main
 def cli_parser(doc):
     """argparse with one-line errors (`error: ...`, exit code 2) instead of usage + error."""
@@ -340,67 +590,158 @@ def cli_parser(doc):
     return ap
 
 
-def parse_args(argv=None):
+def bounded(kind, lo=None, hi=None, lo_open=False, hi_open=False):
+    """An argparse type: kind(text) in [lo, hi] (open at an end with lo_open / hi_open), else the flag is
+    refused before any work starts: `error: argument --mix-t: 1.5 is out of range: give a number in (0, 1)`."""
+    what = 'an integer' if kind is int else 'a number'
+    interval = (f'{"(" if lo_open else "["}{"-inf" if lo is None else f"{lo:g}"}, '
+                f'{"inf" if hi is None else f"{hi:g}"}{")" if hi_open or hi is None else "]"}')
+    if hi is None:
+        interval = f'{">" if lo_open else ">="} {lo:g}'
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'{text!r} is not {what}')
+        if not math.isfinite(value) or (lo is not None and (value < lo or (lo_open and value == lo))) or \
+                (hi is not None and (value > hi or (hi_open and value == hi))):
+            raise argparse.ArgumentTypeError(f'{text} is out of range: give {what} {interval}')
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def device_flag(text):
+    """An argparse type for --device: auto, cpu, cuda or cuda:N; CUDA must be there if asked for."""
+    if text == 'auto':
+        return text
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a device: give auto, cpu, cuda or cuda:N')
+    if dev.type not in ('cpu', 'cuda'):
+        raise argparse.ArgumentTypeError(f'{text!r}: only cpu and cuda are supported (or auto)')
+    if dev.type == 'cuda' and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f'{text}: CUDA is not available here; give --device cpu or auto')
+    if dev.type == 'cuda' and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f'{text}: there are {torch.cuda.device_count()} CUDA devices')
+    return text
+
+
+def set_threads(n):
+    """--threads N > 0: torch.set_num_threads(N). On a machine that other jobs keep busy, PyTorch's
+    default (one spinning thread per core) can be 10-30x slower than 1 thread."""
+    if n > 0:
+        torch.set_num_threads(n)
+
+
+POS_INT, NONNEG_INT = bounded(int, 1), bounded(int, 0)
+NONNEG, POS, UNIT = bounded(float, 0), bounded(float, 0, lo_open=True), bounded(float, 0, 1)
+
+
+def build_parser():
     ap = cli_parser(__doc__)
     A = ap.add_argument
     A('--data', default=None, help='latents folder (LightningDiT format); default: the built-in digits, '
       f'generated into {os.path.relpath(BUILTIN_DIR)} on first use')
     A('--latent-stats', default='file', choices=['file', 'compute'],
       help='read DATA/latents_stats.pt, or compute it from the data first')
-    A('--out', default='runs/decm', help='output folder for checkpoints and samples')
+    A('--out', default='runs/decm', help='output folder for checkpoints, log.jsonl, samples/ and curves.png')
     A('--teacher', default='none', help="teacher checkpoint (ours or LightningDiT's), or 'none' for "
       'training from scratch with v = z_ref - z (with --losses fm: trains a teacher)')
     A('--losses', default='fm,cm,n2n', help='comma list of fm, cm, n2n (Table 3 ablations (c)-(g))')
     A('--preset', default='tiny', choices=list(PRESETS), help='model size when training from scratch')
-    A('--num-classes', type=int, default=None, help='classes (default: 1 + the largest label in the data)')
-    A('--steps', type=int, default=2000, help='training iterations')
-    A('--batch', type=int, default=128, help='global batch size (split over torchrun ranks)')
-    A('--lr', type=float, default=1e-4, help='AdamW learning rate (paper: 1e-4)')
-    A('--beta2', type=float, default=0.95, help="AdamW beta2 (LightningDiT's 0.95)")
-    A('--weight-decay', type=float, default=0.0, help='AdamW weight decay')
-    A('--ema', type=float, default=0.995, help='EMA decay per update (0.9999 for long GPU runs)')
-    A('--freq', type=int, default=3, help='N2N update every freq iterations (paper: 3)')
+    A('--num-classes', type=POS_INT, default=None, help='classes (default: 1 + the largest label in the data)')
+    A('--steps', type=POS_INT, default=2000, help='training iterations')
+    A('--batch', type=POS_INT, default=128, help='global batch size (split over torchrun ranks)')
+    A('--lr', type=POS, default=1e-4, help='AdamW learning rate (paper: 1e-4)')
+    A('--beta2', type=bounded(float, 0, 1, hi_open=True), default=0.95, help="AdamW beta2 (LightningDiT's 0.95)")
+    A('--weight-decay', type=NONNEG, default=0.0, help='AdamW weight decay')
+    A('--ema', type=bounded(float, 0, 1, hi_open=True), default=0.995,
+      help='EMA decay per update (0.9999 for long GPU runs)')
+    A('--freq', type=POS_INT, default=3, help='N2N update every freq iterations (paper: 3)')
     A('--schedule', default='uniform-seg', choices=['uniform-seg', 'logit-normal', 'arctan'],
       help='distribution of t (Table 3 (j)-(l))')
-    A('--segments', type=int, default=8, help='N: t is drawn from the end points of N segments')
-    A('--r-max', type=float, default=0.05, help='r -> 0 is drawn uniformly from [0, r_max], and r <= t')
-    A('--lam', type=float, default=1.0, help='lambda: weight of the left (r) end of N2N')
-    A('--gam', type=float, default=1.0, help='gamma: weight of the right (t) end of N2N')
-    A('--w1', type=float, default=1.0, help='w1(t), constant: weight of g_cm in the CM target')
-    A('--w2', type=float, default=1.0, help='w2(r, t), constant: weight of g_n2n in the N2N target')
-    A('--p', type=float, default=0.5, help='adaptive weighting power (0.5: pseudo-Huber)')
-    A('--c', type=float, default=1e-3, help='adaptive weighting constant')
-    A('--w-cfg', type=float, default=2.0, help='CFG weight of the teacher velocity')
-    A('--eta', type=float, default=0.05, help='RMS of the normalised guidance direction (teacher.py); 0.05 is about the RMS of v_c - v_u of the built-in teacher')
+    A('--segments', type=POS_INT, default=8, help='N: t is drawn from the end points of N segments')
+    A('--r-max', type=UNIT, default=0.05, help='r -> 0 is drawn uniformly from [0, r_max], and r <= t')
+    A('--lam', type=NONNEG, default=1.0, help='lambda: weight of the left (r) end of N2N')
+    A('--gam', type=NONNEG, default=1.0, help='gamma: weight of the right (t) end of N2N')
+    A('--w1', type=NONNEG, default=1.0, help='w1(t), constant: weight of g_cm in the CM target')
+    A('--w2', type=NONNEG, default=1.0, help='w2(r, t), constant: weight of g_n2n in the N2N target')
+    A('--p', type=UNIT, default=0.5, help='adaptive weighting power (0.5: pseudo-Huber; 0: plain L2)')
+    A('--c', type=POS, default=1e-3, help='adaptive weighting constant')
+    A('--w-cfg', type=NONNEG, default=2.0, help='CFG weight of the teacher velocity (1: no guidance)')
+    A('--eta', type=NONNEG, default=0.05, help='RMS of the normalised guidance direction (teacher.py); 0.05 is about the RMS of v_c - v_u of the built-in teacher')
     A('--no-vnorm', dest='vnorm', action='store_false', help='plain CFG, Eq. 18 (Table 3 (i))')
     A('--vpsi', default='pred', choices=['pred', 'interp'],
       help='N2N teacher velocity at t: at the predicted point (Eq. 13) or at the interpolated x_t (Alg.1 l.23)')
-    A('--class-drop', type=float, default=0.1, help='label dropout when training without a teacher')
+    A('--class-drop', type=UNIT, default=0.1, help='label dropout when training without a teacher')
     A('--no-fused', dest='fused', action='store_false',
       help='JVP under no_grad plus a separate forward (less memory, one more forward)')
-    A('--grad-clip', type=float, default=1.0, help='gradient-norm clipping (0: off)')
-    A('--nan-patience', type=int, default=5, help='stop after this many non-finite updates in a row')
-    A('--seed', type=int, default=0, help='random seed (rank r uses seed + r)')
-    A('--device', default='auto', help='auto, cpu or cuda')
+    A('--grad-clip', type=NONNEG, default=1.0, help='gradient-norm clipping (0: off)')
+    A('--nan-patience', type=POS_INT, default=5, help='stop after this many non-finite updates in a row')
+    A('--seed', type=NONNEG_INT, default=0, help='random seed (rank r uses seed + r)')
+    A('--device', type=device_flag, default='auto', help='auto, cpu or cuda')
     A('--amp', default='auto', choices=['auto', 'on', 'off'], help='bf16 autocast (auto: on for CUDA)')
     A('--compile', action='store_true', help='torch.compile the teacher (inference only; the student runs eager for torch.func.jvp)')
-    A('--workers', type=int, default=0, help='data loader worker processes')
-    A('--ckpt-every', type=int, default=500, help='checkpoint every N iterations')
-    A('--keep', type=int, default=2, help='checkpoints to keep')
+    A('--workers', type=NONNEG_INT, default=0, help='data loader worker processes')
+    A('--threads', type=NONNEG_INT, default=0, help='torch.set_num_threads (0: the default, one per core); '
+      '1 is much faster when other jobs share the CPU')
+    A('--ckpt-every', type=POS_INT, default=500, help='checkpoint every N iterations')
+    A('--keep', type=POS_INT, default=2, help='checkpoints to keep')
     A('--resume', default='', help="'auto' (OUT/latest) or a checkpoint path")
-    A('--log-every', type=int, default=10, help='refresh the progress bar every N iterations')
-    A('--builtin-size', type=int, default=20000, help='samples in the built-in dataset')
+    A('--log-every', type=POS_INT, default=10,
+      help='every N iterations: one line in OUT/log.jsonl (means over the N iterations) and the progress bar')
+    A('--eval-every', type=NONNEG_INT, default=0,
+      help='every N iterations (0: never): EMA samples of the CM sampler at 1 and 2 NFE from fixed noise and '
+      'labels -> OUT/samples/step_N.png, a quality figure (pixel FD; FID for latents with --vae, --fid-ref, '
+      '--inception) in log.jsonl, and OUT/curves.png')
+    A('--eval-samples', type=bounded(int, 2), default=1000,
+      help='samples per evaluation (pixel FD: fewer than the number of pixels gives a singular covariance)')
+    A('--vae', default=None, help='evaluation on latents: VA-VAE file to decode the samples into images')
+    A('--fid-ref', default=None, help='evaluation on latents: FID reference (image folder, ADM .npz or stats .npz)')
+    A('--inception', default=None, help='evaluation on latents: pt_inception-2015-12-05-6726825d.pth for FID')
+    A('--builtin-size', type=bounded(int, 10), default=20000, help='samples in the built-in dataset')
+    return ap
+
+
+def parse_args(argv=None):
+    ap = build_parser()
     args = ap.parse_args(argv)
     args.loss_set = [x.strip() for x in args.losses.split(',') if x.strip()]
     bad = [x for x in args.loss_set if x not in LOSS_NAMES]
     if bad or not args.loss_set:
         ap.error(f'--losses {args.losses}: unknown loss {bad} (choose from fm, cm, n2n)')
-    for name in ('steps', 'batch', 'freq', 'segments', 'ckpt_every', 'keep', 'nan_patience', 'log_every'):
-        if getattr(args, name) < 1:
-            ap.error(f'--{name.replace("_", "-")} must be at least 1')
-    if not 0 <= args.ema < 1:
-        ap.error('--ema must be in [0, 1)')
+    for flag, path in (('--vae', args.vae), ('--fid-ref', args.fid_ref), ('--inception', args.inception)):
+        if path is not None and not os.path.exists(path):
+            ap.error(f'{flag} {path}: no such file or folder')
+    if args.fid_ref and not args.inception and not is_stats_npz(args.fid_ref):
+        ap.error(f'--fid-ref {args.fid_ref} holds images: FID also needs --inception PATH')
     return args
+
+
+def is_stats_npz(path):
+    import fid
+    try:
+        return fid.is_stats_file(path)
+    except ValueError:
+        return False
+
+
+def changed_flags(args):
+    """The flags of args that differ from their defaults, as they would be typed."""
+    defaults = vars(build_parser().parse_args([]))
+    out = []
+    for k, v in vars(args).items():
+        if k in defaults and defaults[k] != v:
+            flag = '--' + k.replace('_', '-')
+            if isinstance(v, bool):                            # store_false flags: --no-vnorm, --no-fused
+                flag = {'vnorm': '--no-vnorm', 'fused': '--no-fused'}.get(k, flag)
+                out.append(flag)
+            else:
+                out.append(f'{flag} {v}')
+    return out
 
 
 def setup_distributed(args):
@@ -417,6 +758,7 @@ def setup_distributed(args):
 
 
 def train(args):
+    set_threads(args.threads)
     rank, world, dev = setup_distributed(args)
     if args.batch % world:
         raise ValueError(f'--batch {args.batch} is not divisible by the {world} ranks')
@@ -438,6 +780,9 @@ def train(args):
     C, H, W = ds.shape
     if len(ds) // world < args.batch // world:                 # fail before the progress bar is drawn
         raise ValueError(f'the dataset has {len(ds)} samples, fewer than one batch of {args.batch // world} per rank')
+    if args.eval_every and C not in (1, 3) and not args.vae:
+        raise ValueError(f'--eval-every on latents of shape {(C, H, W)} needs --vae PATH to decode the samples '
+                         f'(and --fid-ref, --inception for FID)')
     resume = latest_checkpoint(args.out) if args.resume == 'auto' else (args.resume or None)
     ckpt = load_student_checkpoint(resume) if resume else None
     if ckpt is not None and args.loss_set != ['fm'] and not ckpt['model_config'].get('s_embed', True):
@@ -474,9 +819,13 @@ def train(args):
                             betas=(0.9, args.beta2), weight_decay=args.weight_decay,
                             fused=dev.type == 'cuda')
     step, data_pos, nan_run = 0, 0, 0
+    sums, counts, skipped = {}, {}, torch.zeros((), device=dev)   # log.jsonl: sums since the last line
     if ckpt is not None:
         opt.load_state_dict(ckpt['opt'])
         step, data_pos = ckpt['step'], ckpt['data_pos']
+        logged = ckpt.get('log', {'sums': {}, 'counts': {}, 'skipped': 0.0})
+        sums = {k: v.to(dev) for k, v in logged['sums'].items()}
+        counts, skipped = dict(logged['counts']), torch.as_tensor(logged['skipped'], device=dev).float()
         set_rng_state(ckpt['rng'][rank] if rank < len(ckpt['rng']) else ckpt['rng'][0])
     else:
         torch.manual_seed(args.seed + rank)
@@ -493,6 +842,10 @@ def train(args):
         raise ValueError(f'--out {args.out}: cannot create the folder ({e.strerror or e})')
     if not os.access(args.out, os.W_OK):
         raise ValueError(f'--out {args.out} is not writable')
+    log_path = os.path.join(args.out, 'log.jsonl')
+    evaluator = Evaluator(ds, args, dev, 4 * (args.batch // world)) if args.eval_every and rank == 0 else None
+    if rank == 0:
+        trim_log(log_path, step)                              # lines after the checkpoint are redone
     stop = {'signal': None}
     old_handlers = {sig: signal.signal(sig, lambda s, f: stop.update(signal=s))   # restored below
                     for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -507,19 +860,26 @@ def train(args):
             return save_checkpoint(args.out, {
                 'model': student.state_dict(), 'ema': ema.state_dict(), 'opt': opt.state_dict(),
                 'args': plain_args, 'model_config': student.config, 'step': step, 'data_pos': data_pos,
-                'rng': rngs, 'stats': {'mean': ds.mean, 'std': ds.std}, 'loss_set': args.loss_set}, step, args.keep)
+                'rng': rngs, 'stats': {'mean': ds.mean, 'std': ds.std}, 'loss_set': args.loss_set,
+                'log': {'sums': sums, 'counts': counts, 'skipped': skipped}}, step, args.keep)
 
+    per_epoch = (len(ds) // world) // (args.batch // world)
     if rank == 0:
-        print(f'decm: {count_params(student) / 1e6:.2f}M parameters, data {data} ({len(ds)} x {ds.shape}), '
-              f'losses {args.losses}, teacher {args.teacher}, device {dev}, {world} rank(s)')
+        print_startup(args, student, teacher, data, ds, world, dev, use_amp, per_epoch, step, evaluator)
     bar = tqdm(total=args.steps, initial=step, disable=rank != 0, desc='train', dynamic_ncols=True)
     last_good = resume
+    window_start, window_steps = time.time(), 0
     while step < args.steps:
         lat, lat_flip, y = next(stream)
         data_pos += 1
         x = prepare_batch(lat, lat_flip, mean, std, dev)
         log, ok = train_step(student, ema, teacher, opt, (x, y.to(dev)), step, args, world, autocast)
         step += 1
+        window_steps += 1
+        skipped += log.pop('skipped').to(dev)
+        for k, v in log.items():                               # on the device: no host sync per iteration
+            sums[k] = sums[k] + v if k in sums else v.clone()
+            counts[k] = counts.get(k, 0) + 1
         nan_run = 0 if ok else nan_run + 1
         if nan_run >= args.nan_patience:
             bad = {k: float(v) for k, v in log.items()}
@@ -527,8 +887,28 @@ def train(args):
             print(f'\nerror: training stopped at step {step}: {nan_run} non-finite updates in a row '
                   f'(losses {bad}); the last good checkpoint is {last_good}', file=sys.stderr)
             sys.exit(1)
-        if step % args.log_every == 0 or step == args.steps:
-            bar.set_postfix({k: f'{float(v):.4f}' for k, v in log.items()}, refresh=False)
+        record = {}
+        if step % args.log_every == 0:
+            if dev.type == 'cuda':
+                torch.cuda.synchronize(dev)
+            elapsed = time.time() - window_start
+            record = {'step': step, 'epoch': round(data_pos / per_epoch, 4)}
+            record.update({k: float(sums[k]) / counts[k] for k in sums})
+            record.update({'lr': opt.param_groups[0]['lr'], 'img_per_s': round(args.batch * window_steps / elapsed, 2),
+                           's_per_it': round(elapsed / window_steps, 4),
+                           'cuda_peak_gb': round(torch.cuda.max_memory_allocated(dev) / 2 ** 30, 3)
+                           if dev.type == 'cuda' else None, 'skipped': int(skipped)})
+            bar.set_postfix({k: f'{record[k]:.4f}' for k in ('cm', 'fm', 'n2n', 'fm2') if k in record},
+                            refresh=False)
+            sums, counts = {}, {}
+        if evaluator is not None and step % args.eval_every == 0:
+            record = {'step': step, **record, **evaluator(ema, step, autocast, {'mean': mean, 'std': std})}
+        if record and rank == 0:
+            append_log(log_path, record)
+            if evaluator is not None and 'eval_s' in record:
+                plot_curves(os.path.join(args.out, 'curves.png'), read_log(log_path))
+        if record:
+            window_start, window_steps = time.time(), 0        # evaluation time is not training time
         bar.update(1)
         if step % args.ckpt_every == 0 or step == args.steps or stop['signal']:
             if nan_run == 0:
