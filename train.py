@@ -469,16 +469,19 @@ def plot_curves(path, records):
         la, lb = (la - 0.5, lb + 0.5) if lb - la < 1e-6 else (la - 0.05 * (lb - la), lb + 0.05 * (lb - la))
         X = lambda x: x0 + (x - xa) / (xb - xa) * (x1 - x0)
         Y = lambda y: y0 - (math.log10(y) - la) / (lb - la) * (y0 - y1)
-        for e in range(math.floor(la), math.ceil(lb) + 1):     # y grid: 1, 2, 5 x 10^e inside the range
-            for m in (1, 2, 5):
-                v = m * 10.0 ** e
-                if la <= math.log10(v) <= lb:
-                    d.line([(x0, Y(v)), (x1, Y(v))], fill=(200, 200, 200) if m == 1 else (232, 232, 232))
-                    d.text((x0 - 4, Y(v)), f'{v:g}', fill='black', font=font, anchor='rm')
+        if lb - la > 1:                                        # y grid: 1, 2, 5 x 10^e, or round values
+            yt = [m * 10.0 ** e for e in range(math.floor(la), math.ceil(lb) + 1) for m in (1, 2, 5)]
+        else:
+            yt = [v for v in nice_ticks(10 ** la, 10 ** lb) if v > 0]
+        for v in yt:
+            if la <= math.log10(v) <= lb:
+                d.line([(x0, Y(v)), (x1, Y(v))], fill=(225, 225, 225))
+                d.text((x0 - 4, Y(v)), f'{v:g}', fill='black', font=font, anchor='rm')
         for t in nice_ticks(xa, xb):
             d.line([(X(t), y0), (X(t), y0 + 4)], fill='black')
             d.text((X(t), y0 + 6), f'{t:g}', fill='black', font=font, anchor='mt')
         d.text(((x0 + x1) / 2, ph - 4), 'iteration', fill='black', font=font, anchor='mb')
+        lx = ox + 8
         for i, (k, s) in enumerate(series.items()):
             col = colors[i % len(colors)]
             pts = [(X(x), Y(y)) for x, y in s]
@@ -487,8 +490,10 @@ def plot_curves(path, records):
             if k in quality or len(pts) == 1:
                 for px, py in pts:
                     d.ellipse([px - 3, py - 3, px + 3, py + 3], fill=col)
-            d.line([(x1 - 90, y1 + 10 + 14 * i), (x1 - 74, y1 + 10 + 14 * i)], fill=col, width=3)
-            d.text((x1 - 70, y1 + 4 + 14 * i), f'{k} {s[-1][1]:.3g}', fill='black', font=font)
+            label = f'{k} {s[-1][1]:.3g}'                      # legend: one row under the title
+            d.line([(lx, 27), (lx + 14, 27)], fill=col, width=3)
+            d.text((lx + 17, 21), label, fill='black', font=font)
+            lx += 28 + d.textlength(label, font=font)
     im.save(path + '.tmp.png')
     os.replace(path + '.tmp.png', path)
 
