@@ -23,16 +23,17 @@ For the project's small built-in 16x16 dataset, pixel_fd() gives the same distan
 which needs no weights.
 """
 
-import argparse
 import os
+import pickle
 import sys
+import zipfile
+import zlib
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from scipy import linalg
 from tqdm import tqdm
 
 WEIGHTS_NAME = 'pt_inception-2015-12-05-6726825d.pth'
@@ -48,28 +49,48 @@ class FIDError(ValueError):
 # Gaussian statistics and the Frechet distance
 # ---------------------------------------------------------------------------------------------------
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), computed in float64."""
+def sqrt_psd(sigma, name):
+    """Symmetric square root of a covariance matrix by eigendecomposition (round-off negatives -> 0)."""
+    w, v = np.linalg.eigh((sigma + sigma.T) / 2)
+    if w.min() < -1e-6 * max(abs(w).max(), 1e-12):
+        raise FIDError(f'{name} is not a covariance matrix (eigenvalue {w.min():.3g})')
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), computed in float64.
+
+    tr((S1 S2)^(1/2)) is the sum of the square roots of the eigenvalues of S1 S2, which are those of the
+    symmetric positive semi-definite A = S1^(1/2) S2 S1^(1/2). Two symmetric eigendecompositions give it
+    exactly, also when S1 or S2 is singular (fewer samples than dimensions, pixels that never change), where
+    scipy.linalg.sqrtm of the non-symmetric product S1 S2 warns (LinAlgWarning), needs an eps offset and may
+    return a complex result. On well-conditioned statistics the two agree to round-off (test_all.py).
+    """
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     d = mu1.shape[0]
     if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
         raise FIDError(f'statistics do not match: mu {mu1.shape} and {mu2.shape}, '
                        f'sigma {sigma1.shape} and {sigma2.shape}')
+    if not all(np.isfinite(a).all() for a in (mu1, mu2, sigma1, sigma2)):
+        raise FIDError('the statistics hold non-finite values')
     diff = mu1 - mu2
-    covmean = linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
-        # The product is singular (e.g. fewer samples than dimensions): regularise both covariances.
-        offset = eps * np.eye(d)
-        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        # sqrtm of a product of two PSD matrices is real up to round-off; a large imaginary part means
-        # the statistics are broken, so refuse rather than return a meaningless number.
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise FIDError(f'matrix square root has an imaginary component of '
-                           f'{np.abs(covmean.imag).max():.3g}; the statistics are degenerate')
-        covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    root1 = sqrt_psd(sigma1, 'sigma1')
+    sqrt_psd(sigma2, 'sigma2')                                 # checks that sigma2 is a covariance
+    a = root1 @ sigma2 @ root1
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((a + a.T) / 2), 0, None)).sum()
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+
+
+MIN_SAMPLES_NOTE = ('with N <= D samples the covariance has rank at most N - 1 < D, so it is singular and '
+                    'the distance is biased high; use clearly more samples than dimensions')
+
+
+def few_samples_warning(n, d, what='FD'):
+    """A one-line warning when n samples cannot estimate a D-dimensional covariance (n <= d), else None."""
+    if n is not None and n <= d:
+        return f'warning: {what} from {n} samples of dimension {d}: {MIN_SAMPLES_NOTE}'
+    return None
 
 
 def stats(features):
@@ -101,18 +122,18 @@ def accumulate(batches, total=None):
     return mu, sigma
 
 
-def pixel_fd(x, y, eps=1e-6):
+def pixel_fd(x, y):
     """Frechet distance between Gaussians fitted to raw pixel vectors of two image sets.
 
     x, y: arrays or tensors of shape (N, C, H, W) or (N, ...), any float scale as long as both share it.
     Each image is flattened to one vector (768 numbers for 3x16x16). This is a cheap, weights-free
     sanity metric for the project's small built-in 16x16 dataset; it is not FID and its values are not
     comparable with published FIDs. With fewer images than pixels the covariances are singular and the
-    eps regularisation of frechet_distance applies, so use many more images than pixels.
+    distance is biased high (few_samples_warning), so use many more images than pixels.
     """
     x = torch.as_tensor(x).detach().cpu().double().reshape(len(x), -1).numpy()
     y = torch.as_tensor(y).detach().cpu().double().reshape(len(y), -1).numpy()
-    return frechet_distance(*stats(x), *stats(y), eps=eps)
+    return frechet_distance(*stats(x), *stats(y))
 
 
 def save_stats(path, mu, sigma):
@@ -120,19 +141,42 @@ def save_stats(path, mu, sigma):
     np.savez(path, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
 
 
+def open_npz(path):
+    """np.load of an .npz without pickles; a truncated or non-.npz file is a FIDError."""
+    if not zipfile.is_zipfile(path):                          # a cut-short .npz has lost its zip directory
+        raise FIDError(f'{path} is not a complete .npz archive (BadZipFile: truncated or another format); '
+                       f'write it again (np.savez)')
+    try:
+        return np.load(path, allow_pickle=False)
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
+        raise FIDError(f'{path} is not a readable .npz file ({type(e).__name__}: {str(e)[:80]}); '
+                       f'write it again (np.savez)')
+
+
+def npz_array(f, key, path):
+    """f[key] of an open .npz; an array of pickled Python objects or a damaged member is a FIDError."""
+    try:
+        return f[key]
+    except ValueError as e:                                    # object arrays need allow_pickle
+        raise FIDError(f'{path}: {key} holds pickled Python objects, which are not loaded (not safe); store '
+                       f'plain numeric arrays ({str(e)[:60]})')
+    except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as e:
+        raise FIDError(f'{path}: {key} cannot be read ({type(e).__name__}: {str(e)[:80]}); the file is damaged')
+
+
 def load_stats(path):
     """Reads (mu, sigma) in float64 from an .npz with keys mu and sigma."""
-    with np.load(path) as f:
+    with open_npz(path) as f:
         if 'mu' not in f.files or 'sigma' not in f.files:
             raise FIDError(f'{path} has no mu and sigma (keys: {", ".join(f.files)})')
-        return f['mu'].astype(np.float64), f['sigma'].astype(np.float64)
+        return npz_array(f, 'mu', path).astype(np.float64), npz_array(f, 'sigma', path).astype(np.float64)
 
 
 def is_stats_file(path):
-    """True for an .npz that holds keys mu and sigma."""
+    """True for an .npz that holds keys mu and sigma (a damaged .npz is a FIDError)."""
     if not (isinstance(path, str) and path.endswith('.npz') and os.path.isfile(path)):
         return False
-    with np.load(path) as f:
+    with open_npz(path) as f:
         return 'mu' in f.files and 'sigma' in f.files
 
 
@@ -378,10 +422,10 @@ def load_images(path):
         raise FIDError(f'{path} does not exist')
     if not str(path).endswith('.npz'):
         raise FIDError(f'{path} is neither a folder of images nor an .npz')
-    with np.load(path) as f:
+    with open_npz(path) as f:
         if 'arr_0' not in f.files:
             raise FIDError(f'{path} has no images under arr_0 (keys: {", ".join(f.files)})')
-        return check_images(f['arr_0'], f'{path}: arr_0')
+        return check_images(npz_array(f, 'arr_0', path), f'{path}: arr_0')
 
 
 def check_images(images, name='images'):
@@ -418,28 +462,56 @@ def image_batches(source, batch_size=50, num_workers=0):
 
 
 @torch.inference_mode()
-def inception_stats(source, model, batch_size=50, num_workers=0):
-    """(mu, sigma) of the pool3 features of an image folder, an ADM-style .npz or a uint8 NHWC array."""
+def inception_stats(source, model, batch_size=50, num_workers=0, with_count=False):
+    """(mu, sigma) of the pool3 features of an image folder, an ADM-style .npz or a uint8 NHWC array
+    (and the number of images, with_count)."""
     count, batches = image_batches(source, batch_size, num_workers)
     if count < 2:
         raise FIDError(f'need at least 2 images, {source if isinstance(source, str) else "the array"} has {count}')
     device = next(model.parameters()).device
-    return accumulate((model(to_inception_input(b, device)) for b in batches), total=count)
+    mu, sigma = accumulate((model(to_inception_input(b, device)) for b in batches), total=count)
+    return (mu, sigma, count) if with_count else (mu, sigma)
 
 
 def source_stats(source, model, batch_size=50, num_workers=0):
-    """(mu, sigma) of a statistics .npz, or of the Inception features of images (model is then needed)."""
+    """(mu, sigma, number of images) of a statistics .npz (number None: not stored) or of the Inception
+    features of images (model is then needed)."""
     if is_stats_file(source):
-        return load_stats(source)
-    return inception_stats(source, model, batch_size, num_workers)
+        return (*load_stats(source), None)
+    return inception_stats(source, model, batch_size, num_workers, with_count=True)
+
+
+def check_images_npz(path):
+    """Reads only the header of arr_0 in an image .npz: a missing arr_0, pickled objects or a dtype or shape
+    that is not uint8 NHWC are refused before any network is loaded."""
+    with open_npz(path) as f:
+        if 'arr_0' not in f.files:
+            raise FIDError(f'{path} has no images under arr_0 (keys: {", ".join(f.files)})')
+    try:
+        with zipfile.ZipFile(path) as z, z.open('arr_0.npy') as m:
+            version = np.lib.format.read_magic(m)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(m)
+    except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError, zlib.error) as e:
+        raise FIDError(f'{path}: arr_0 cannot be read ({type(e).__name__}: {str(e)[:80]}); the file is damaged')
+    if dtype.hasobject:
+        raise FIDError(f'{path}: arr_0 holds pickled Python objects, which are not loaded (not safe); store '
+                       f'uint8 images (N, H, W, C)')
+    if dtype != np.uint8 or len(shape) not in (3, 4) or (len(shape) == 4 and shape[-1] not in (1, 3)):
+        raise FIDError(f'{path}: arr_0 must be uint8 (N, H, W, C) with C = 1 or 3, got {dtype} {shape}')
 
 
 def needs_inception(*sources):
-    """Whether any source holds images rather than statistics; first checks that the paths exist."""
+    """Whether any source holds images rather than statistics; first checks that the paths exist and that
+    the .npz files can be read."""
     for s in sources:
         if isinstance(s, str) and not os.path.exists(s):
             raise FIDError(f'{s} does not exist')
-    return not all(is_stats_file(s) for s in sources)
+    images = [s for s in sources if not is_stats_file(s)]
+    for s in images:
+        if isinstance(s, str) and os.path.isfile(s) and s.endswith('.npz'):
+            check_images_npz(s)
+    return bool(images)
 
 
 def fid_of(samples, ref, inception_path=None, batch_size=50, device='cpu', num_workers=0):
@@ -449,46 +521,58 @@ def fid_of(samples, ref, inception_path=None, batch_size=50, device='cpu', num_w
     """
     samples, ref = (os.fspath(s) if isinstance(s, os.PathLike) else s for s in (samples, ref))
     model = load_inception(inception_path, device) if needs_inception(samples, ref) else None
-    mu1, sigma1 = source_stats(samples, model, batch_size, num_workers)
-    mu2, sigma2 = source_stats(ref, model, batch_size, num_workers)
+    mu1, sigma1, _ = source_stats(samples, model, batch_size, num_workers)
+    mu2, sigma2, _ = source_stats(ref, model, batch_size, num_workers)
     return frechet_distance(mu1, sigma1, mu2, sigma2)
 
 
 def main():
-    p = argparse.ArgumentParser(description='FID between two image sets (folders, ADM-style .npz, or '
-                                            'statistics .npz with mu and sigma).')
+    from train import cli_parser, bounded, device_flag, set_threads
+    p = cli_parser('FID between two image sets (folders, ADM-style .npz, or statistics .npz with mu and sigma).')
     p.add_argument('samples', help='generated images: a folder of .png/.jpg, an .npz with uint8 arr_0 '
                                    '(N, H, W, C), or an .npz with mu and sigma')
     p.add_argument('ref', nargs='?', default=None,
                    help='reference images or statistics, same formats (may be left out with --save-stats)')
     p.add_argument('--inception', default=None,
                    help=f'path to the weights file {WEIGHTS_NAME} (default: none; only needed for images)')
-    p.add_argument('--batch-size', type=int, default=50, help='images per Inception forward pass (default: 50)')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+    p.add_argument('--batch-size', type=bounded(int, 1), default=50,
+                   help='images per Inception forward pass (default: 50)')
+    p.add_argument('--device', type=device_flag, default='cuda' if torch.cuda.is_available() else 'cpu',
                    help='torch device, e.g. cpu or cuda (default: cuda if available, else cpu)')
-    p.add_argument('--num-workers', type=int, default=min(4, os.cpu_count() or 1),
+    p.add_argument('--num-workers', type=bounded(int, 0), default=min(4, os.cpu_count() or 1),
                    help='processes decoding image folders (default: min(4, number of CPUs))')
+    p.add_argument('--threads', type=bounded(int, 0), default=0,
+                   help='torch.set_num_threads (0: the default, one per core; 1 is faster on a busy machine)')
     p.add_argument('--save-stats', default=None, metavar='OUT.npz',
                    help='also write the statistics (mu, sigma) of SAMPLES to OUT.npz (default: none)')
-
-    def one_line_error(msg):                                   # `error: ...`, exit 2, no usage block
-        print(f'error: {msg}', file=sys.stderr)
-        sys.exit(2)
-    p.error = one_line_error
     args = p.parse_args()
     if args.ref is None and args.save_stats is None:
         p.error('REF is required unless --save-stats is given')
+    if args.save_stats and not os.path.isdir(os.path.dirname(os.path.abspath(args.save_stats))):
+        p.error(f'--save-stats {args.save_stats}: the folder does not exist')
+    set_threads(args.threads)
+    device = 'cpu' if args.device == 'auto' and not torch.cuda.is_available() else \
+        ('cuda' if args.device == 'auto' else args.device)
 
     try:
         sources = [s for s in (args.samples, args.ref) if s is not None]
-        model = load_inception(args.inception, args.device) if needs_inception(*sources) else None
-        mu1, sigma1 = source_stats(args.samples, model, args.batch_size, args.num_workers)
+        model = load_inception(args.inception, device) if needs_inception(*sources) else None
+        mu1, sigma1, n1 = source_stats(args.samples, model, args.batch_size, args.num_workers)
         if args.save_stats:
             save_stats(args.save_stats, mu1, sigma1)
             print(f'saved statistics of {args.samples} to {args.save_stats}')
         if args.ref is not None:
-            mu2, sigma2 = source_stats(args.ref, model, args.batch_size, args.num_workers)
-            print(f'FID: {frechet_distance(mu1, sigma1, mu2, sigma2):.4f}')
+            mu2, sigma2, n2 = source_stats(args.ref, model, args.batch_size, args.num_workers)
+            value = frechet_distance(mu1, sigma1, mu2, sigma2)
+            if n1 is not None or n2 is not None:
+                print('features of ' + ' against '.join(f'{n} images' if n is not None else 'stored statistics'
+                                                        for n in (n1, n2)) +
+                      ' (the standard FID: 50,000 samples against the reference batch)')
+            print(f'FID: {value:.4f}')
+            for n in (n1, n2):
+                note = few_samples_warning(n, len(mu1), 'FID')
+                if note:
+                    print(note, file=sys.stderr)
     except FIDError as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
