@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from model import DiT, load_dit_state, write_adm_npz
 from teacher import load_teacher, cfg_velocity, read_checkpoint, resolve_checkpoint
-from train import cli_parser, LatentFolder, BUILTIN_DIR
+from train import cli_parser, bounded, device_flag, set_threads, LatentFolder, BUILTIN_DIR
 
 
 def bcast(t, x):
@@ -175,36 +175,56 @@ def main(argv=None):
     ap = cli_parser(__doc__)
     A = ap.add_argument
     A('--ckpt', default='runs/decm', help='checkpoint file, run folder (uses its latest), or LightningDiT file')
-    A('--nfe', type=int, default=1, help='network calls per sample (exact)')
+    A('--nfe', type=bounded(int, 1), default=1, help='network calls per sample (exact)')
     A('--sampler', default='cm', choices=['cm', 'mix', 'euler'], help='DE-CM sampler (a teacher uses its Euler+CFG)')
     A('--mix', action='store_true', help='same as --sampler mix')
-    A('--mix-det', type=int, default=None, help='deterministic flow-map steps of the Mix sampler (default nfe // 2)')
-    A('--mix-t', type=float, default=0.5, help='time where the Mix sampler switches to CM steps')
-    A('--cfg', type=float, default=2.0, help='teacher sampler: CFG weight')
-    A('--cfg-interval-start', type=float, default=0.0, help='teacher sampler: guide only for t >= this')
-    A('--shift', type=float, default=0.0, help='teacher sampler: timestep shift (LightningDiT: 0.3; 0 = off)')
-    A('--num-samples', type=int, default=1000, help='number of samples (labels cycle over the classes)')
-    A('--batch', type=int, default=250, help='samples per network call')
-    A('--seed', type=int, default=0, help='noise seed')
+    A('--mix-det', type=bounded(int, 0), default=None,
+      help='deterministic flow-map steps of the Mix sampler, 0 to nfe - 1 (default nfe // 2; README)')
+    A('--mix-t', type=bounded(float, 0, 1, lo_open=True, hi_open=True), default=0.5,
+      help='time in (0, 1) where the Mix sampler switches to CM steps (README)')
+    A('--cfg', type=bounded(float, 0), default=2.0, help='teacher sampler: CFG weight (1: no guidance)')
+    A('--cfg-interval-start', type=bounded(float, 0, 1), default=0.0,
+      help='teacher sampler: guide only for t >= this, in [0, 1]')
+    A('--shift', type=bounded(float, 0), default=0.0, help='teacher sampler: timestep shift (LightningDiT: 0.3; 0 = off)')
+    A('--num-samples', type=bounded(int, 2), default=1000, help='number of samples (labels cycle over the classes)')
+    A('--batch', type=bounded(int, 1), default=250, help='samples per network call')
+    A('--seed', type=bounded(int, 0), default=0, help='noise seed')
     A('--use', default='ema', choices=['ema', 'model'], help='which weights of our checkpoint')
     A('--vae', default=None, help='VA-VAE file (vavae-imagenet256-f16d32-dinov2.pt): decode latents to images')
     A('--out', default='samples', help='output folder: grid.png and samples.npz')
     A('--fd-ref', default=None, help="pixel FD against a data folder ('builtin' for the built-in digits)")
     A('--fid', default=None, help='FID against REF (image folder, ADM .npz or stats .npz) with --inception')
     A('--inception', default=None, help='pt_inception-2015-12-05-6726825d.pth for --fid')
-    A('--device', default='auto', help='auto, cpu or cuda')
+    A('--device', type=device_flag, default='auto', help='auto, cpu or cuda')
+    A('--threads', type=bounded(int, 0), default=0, help='torch.set_num_threads (0: the default, one per core; '
+      '1 is much faster when other jobs share the CPU)')
     args = ap.parse_args(argv)
     if args.mix:
         args.sampler = 'mix'
-    if args.nfe < 1:
-        ap.error(f'--nfe {args.nfe}: must be at least 1')
-    if args.num_samples < 2:
-        ap.error(f'--num-samples {args.num_samples}: need at least 2 samples')
+    if args.sampler == 'mix' and args.mix_det is not None and args.mix_det >= args.nfe:
+        ap.error(f'--mix-det {args.mix_det} with --nfe {args.nfe}: at most {args.nfe - 1} (the last step is a '
+                 f'CM step)')
+    for flag, path in (('--vae', args.vae), ('--fid', args.fid), ('--inception', args.inception)):
+        if path is not None and not os.path.exists(path):
+            ap.error(f'{flag} {path}: no such file or folder')
+    if args.fid and not args.inception:
+        ap.error(f'--fid {args.fid}: FID needs the Inception weights: add --inception PATH')
+    set_threads(args.threads)
     try:
         run(args)
     except ValueError as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)
+
+
+def fd_reference(args, model):
+    """--fd-ref, read and checked before any sampling: the raw training latents (a fixed random subset)."""
+    ref = LatentFolder(BUILTIN_DIR if args.fd_ref == 'builtin' else args.fd_ref, flag='--fd-ref')
+    shape = (model.in_channels, model.input_size, model.input_size)
+    if tuple(ref.shape) != shape:
+        raise ValueError(f'--fd-ref {args.fd_ref}: its items have shape {tuple(ref.shape)}, the samples {shape}')
+    idx = torch.randperm(len(ref), generator=torch.Generator().manual_seed(1))[:args.num_samples]
+    return torch.stack([ref[i][0] for i in idx.tolist()]).float()
 
 
 def run(args):
@@ -224,6 +244,10 @@ def run(args):
         raise ValueError(f'--out {args.out} is not writable')
     model, stats, path = load_model(args.ckpt, device, args.use)
     name = 'teacher' if model.s_embedder is None else args.sampler
+    real = fd_reference(args, model) if args.fd_ref else None     # bad input fails here, before sampling
+    if args.fid and not args.vae and model.in_channels not in (1, 3):
+        raise ValueError(f'--fid needs images: the checkpoint makes {model.in_channels}-channel latents, '
+                         f'add --vae PATH to decode them')
     xs, ys, calls = generate(model, name, args.num_samples, args.nfe, model.num_classes, args.seed, args.batch, device,
                              args, rank, world)
     if distributed:                                            # gather every rank's samples on rank 0
@@ -259,12 +283,15 @@ def run(args):
     else:
         save_npz(npz, latents=x.numpy(), labels=y.numpy())
         print(f'wrote {npz} (latents; pass --vae to decode)')
-    if args.fd_ref:
-        from fid import pixel_fd
-        ref = LatentFolder(BUILTIN_DIR if args.fd_ref == 'builtin' else args.fd_ref)
-        idx = torch.randperm(len(ref), generator=torch.Generator().manual_seed(1))[:max(len(x), 2)]
-        real = torch.stack([ref[i][0] for i in idx.tolist()]).float()
-        print(f'FD: {pixel_fd(x.numpy(), real.numpy()):.4f}')
+    if real is not None:
+        from fid import pixel_fd, few_samples_warning
+        D = int(np.prod(x.shape[1:]))
+        print(f'FD: {pixel_fd(x.numpy(), real.numpy()):.4f} (pixel FD of {len(x)} samples against {len(real)} '
+              f'images of {args.fd_ref}, {D} pixels each)')
+        for n in sorted({len(x), len(real)}):
+            note = few_samples_warning(n, D, 'pixel FD')
+            if note:
+                print(note, file=sys.stderr)
     if args.fid:
         from fid import fid_of
         print(f'FID: {fid_of(npz, args.fid, args.inception):.4f}')

@@ -298,7 +298,7 @@ def test_one_iteration_with_freq_1_runs_both_updates(teacher_ckpt):
     real_step = opt.step
     opt.step = lambda *a, **k: steps.append(1) or real_step(*a, **k)
     log, ok = train.train_step(student, ema, teacher, opt, (x, y), 0, args, 1, torch.autocast('cpu', enabled=False), draws)
-    assert ok and set(log) == {'cm', 'fm', 'n2n', 'fm2'} and len(steps) == 2
+    assert ok and set(log) == {'cm', 'fm', 'n2n', 'fm2', 'grad_norm', 'grad_norm2', 'skipped'} and len(steps) == 2
     changed = [k for k, v in student.state_dict().items() if not torch.equal(v, before[k])]
     assert 's_embedder.mlp.2.weight' in changed and 'blocks.0.attn.qkv.weight' in changed
     assert not torch.equal(ema.state_dict()['blocks.0.attn.qkv.weight'], before['blocks.0.attn.qkv.weight'])
@@ -306,7 +306,7 @@ def test_one_iteration_with_freq_1_runs_both_updates(teacher_ckpt):
     args.freq = 2
     steps.clear()
     log, _ = train.train_step(student, ema, teacher, opt, (x, y), 1, args, 1, torch.autocast('cpu', enabled=False), draws)
-    assert set(log) == {'cm', 'fm'} and len(steps) == 1
+    assert set(log) == {'cm', 'fm', 'grad_norm', 'skipped'} and len(steps) == 1
 
 
 def test_bf16_autocast_path_runs_on_cpu(teacher_ckpt):

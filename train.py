@@ -81,14 +81,14 @@ def make_digits(out_dir, n=20000, size=16, channels=1, seed=0, num_classes=10):
 class LatentFolder(torch.utils.data.Dataset):
     """LightningDiT's latents folder. Items are (latent, flipped latent, label), not normalised."""
 
-    def __init__(self, root, stats='file'):
+    def __init__(self, root, stats='file', flag='--data'):
         from safetensors import safe_open
         if not root or not os.path.isdir(root):
-            raise ValueError(f'--data {root}: no such folder (give a latents folder, or no --data '
-                             f'for the built-in dataset)')
+            raise ValueError(f'{flag} {root}: no such folder (give a latents folder, or ' +
+                             ("no --data for the built-in dataset)" if flag == '--data' else "'builtin')"))
         self.files = sorted(glob.glob(os.path.join(root, '*.safetensors')))
         if not self.files:
-            raise ValueError(f'--data {root}: no *.safetensors files (expected LightningDiT\'s '
+            raise ValueError(f'{flag} {root}: no *.safetensors files (expected LightningDiT\'s '
                              f'latents_rank*_shard*.safetensors)')
         self.index, labels, shape, self.handles = [], [], None, {}
         for f in self.files:
@@ -110,7 +110,7 @@ class LatentFolder(torch.utils.data.Dataset):
         self.labels = torch.cat(labels)
         self.shape = shape
         if len(self.labels) != len(self.index):
-            raise ValueError(f'--data {root}: {len(self.labels)} labels for {len(self.index)} latents')
+            raise ValueError(f'{flag} {root}: {len(self.labels)} labels for {len(self.index)} latents')
         stats_file = os.path.join(root, 'latents_stats.pt')
         if stats == 'compute':
             self.compute_stats(stats_file)
@@ -599,7 +599,7 @@ def bounded(kind, lo=None, hi=None, lo_open=False, hi_open=False):
     """An argparse type: kind(text) in [lo, hi] (open at an end with lo_open / hi_open), else the flag is
     refused before any work starts: `error: argument --mix-t: 1.5 is out of range: give a number in (0, 1)`."""
     what = 'an integer' if kind is int else 'a number'
-    interval = (f'{"(" if lo_open else "["}{"-inf" if lo is None else f"{lo:g}"}, '
+    interval = (f'in {"(" if lo_open else "["}{"-inf" if lo is None else f"{lo:g}"}, '
                 f'{"inf" if hi is None else f"{hi:g}"}{")" if hi_open or hi is None else "]"}')
     if hi is None:
         interval = f'{">" if lo_open else ">="} {lo:g}'
