@@ -1492,3 +1492,157 @@ def test_estimate_writes_the_paper_scale_figures(tmp_path):
     run_bench('estimate', '--preset', 'tiny', '--threads', '1', '--results', str(tmp_path))
     text = (tmp_path / 'estimate.md').read_text()
     assert 'PFLOP' in text and 'hours' in text and 'GB of activations per sample' in text
+
+
+# ---- run logging, evaluation, CLI checks
+def _bad_npz(w, kind):
+    """A truncated image .npz, or one whose arr_0 holds pickled Python objects (made once, in w.root)."""
+    path = os.path.join(w.root, f'{kind}.npz')
+    if not os.path.exists(path):
+        if kind == 'truncated':
+            with open(w.images, 'rb') as f:
+                blob = f.read()
+            with open(path, 'wb') as f:
+                f.write(blob[:len(blob) // 2])
+        else:
+            np.savez(path, arr_0=np.array([{'a': 1}, None], dtype=object))
+    return path
+
+
+# new bad inputs; run in the same forked matrix as CASES (the `matrix` fixture reads CASES when it runs)
+CLI_CASES = {
+    'fid-truncated-npz': (lambda w, c: ['fid.py', _bad_npz(w, 'truncated'), w.images], ['BadZipFile', 'truncated']),
+    'fid-pickled-npz': (lambda w, c: ['fid.py', _bad_npz(w, 'pickled'), w.images], ['pickled']),
+    'fid-batch-size-0': (lambda w, c: ['fid.py', w.images, w.images, '--batch-size', '0'], ['--batch-size']),
+    'fid-threads-negative': (lambda w, c: ['fid.py', w.images, w.images, '--threads', '-1'], ['--threads']),
+    'sample-fd-ref-missing': (lambda w, c: _sample(w, c, '--fd-ref', os.path.join(w.root, 'nope')), ['--fd-ref']),
+    'sample-fd-ref-other-shape': (lambda w, c: _sample(w, c, '--fd-ref', w.twoch), ['--fd-ref', 'shape']),
+    'sample-mix-t-1.5': (lambda w, c: _sample(w, c, '--mix', '--mix-t', '1.5'), ['--mix-t', '(0, 1)']),
+    'sample-mix-det-too-many': (lambda w, c: _sample(w, c, '--mix', '--nfe', '2', '--mix-det', '2'), ['--mix-det']),
+    'sample-cfg-negative': (lambda w, c: _sample(w, c, '--cfg', '-1'), ['--cfg']),
+    'sample-batch-text': (lambda w, c: _sample(w, c, '--batch', 'many'), ['--batch', 'integer']),
+    'sample-fid-without-inception': (lambda w, c: _sample(w, c, '--fid', w.images), ['--inception']),
+    'sample-device-cuda-absent': (lambda w, c: _sample(w, c, '--device', 'cuda'), ['--device', 'CUDA']),
+    'train-lr-0': (lambda w, c: _train(w, c, '--lr', '0'), ['--lr']),
+    'train-ema-1': (lambda w, c: _train(w, c, '--ema', '1'), ['--ema']),
+    'train-r-max-2': (lambda w, c: _train(w, c, '--r-max', '2'), ['--r-max']),
+    'train-lr-nan': (lambda w, c: _train(w, c, '--lr', 'nan'), ['--lr']),
+    'train-threads-negative': (lambda w, c: _train(w, c, '--threads', '-2'), ['--threads']),
+    'train-eval-samples-1': (lambda w, c: _train(w, c, '--eval-samples', '1'), ['--eval-samples']),
+    'train-fid-ref-missing': (lambda w, c: _train(w, c, '--fid-ref', os.path.join(w.root, 'nope.npz')),
+                              ['--fid-ref']),
+    'train-eval-latents-without-vae': (lambda w, c: _train(w, c, '--data', w.twoch, '--losses', 'fm',
+                                                           '--eval-every', '1'), ['--eval-every', '--vae']),
+}
+CASES.update(CLI_CASES)
+
+
+@pytest.mark.parametrize('case', list(CLI_CASES))
+def test_bad_input_cli_checks(case, matrix, w):
+    """The bad inputs of the CLI checks: one `error:` line naming the flag, exit 2, no traceback; a bad
+    --fd-ref is found before any sample is drawn."""
+    rc, out, err = matrix[case]
+    assert_one_error(rc, err, CLI_CASES[case][1], case)
+    if case.startswith('sample-'):
+        assert not os.path.exists(os.path.join(w.root, 'samples', case, 'samples.npz')), 'sampled before the check'
+
+
+def test_log_eval_curves_and_eval_leaves_training_unchanged(w):
+    """The 20-step run of the issue (--log-every 5 --eval-every 10): log.jsonl has steps 5, 10, 15, 20 with
+    the losses, evaluations at 10 and 20, grids under OUT/samples/ and OUT/curves.png; the same run with
+    evaluation off gives bit-identical model, EMA and optimizer state; a run SIGKILLed after its log line
+    of step 10 and resumed writes every step once, with the same numbers as the uninterrupted run."""
+    runs = {k: os.path.join(w.root, f'watch_{k}') for k in ('eval', 'plain', 'killed')}
+    common = ['--log-every', '5', '--eval-samples', '80', '--threads', '1']
+    ev = ['--eval-every', '10']
+    procs = {'eval': popen_cli(_distill(w, runs['eval'], 20, *common, *ev), os.path.join(w.logs, 'watch_eval')),
+             'plain': popen_cli(_distill(w, runs['plain'], 20, *common), os.path.join(w.logs, 'watch_plain'))}
+    log_of = lambda k: os.path.join(runs[k], 'log.jsonl')
+    killed = _distill(w, runs['killed'], 20, *common, *ev, '--ckpt-every', '3', '--keep', '100', '--resume', 'auto')
+    p = popen_cli(killed, os.path.join(w.logs, 'watch_killed'))
+    try:
+        assert wait_for(lambda: any(r['step'] == 10 for r in train.read_log(log_of('killed'))), 180, p), \
+            read(os.path.join(w.logs, 'watch_killed.err'))
+        p.send_signal(signal.SIGKILL)
+        assert p.wait(30) == -signal.SIGKILL
+        at = latest_step(runs['killed'])
+        before = [r['step'] for r in train.read_log(log_of('killed'))]
+        rc, out_resumed, err = run_cli(killed)
+        assert rc == 0, err
+        for k, proc in procs.items():
+            assert proc.wait(240) == 0, read(os.path.join(w.logs, f'watch_{k}.err'))
+    finally:
+        for proc in [p, *procs.values()]:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    logs = {k: train.read_log(log_of(k)) for k in runs}
+    assert [r['step'] for r in logs['eval']] == [5, 10, 15, 20]
+    for r in logs['eval']:
+        assert {'epoch', 'cm', 'fm', 'n2n', 'fm2', 'grad_norm', 'grad_norm2', 'lr', 'img_per_s', 's_per_it',
+                'cuda_peak_gb', 'skipped'} <= set(r), r
+        assert all(np.isfinite(r[k]) and r[k] > 0 for k in ('cm', 'fm', 'n2n', 'fm2', 'grad_norm', 'img_per_s'))
+        assert r['skipped'] == 0 and r['lr'] == 1e-4 and r['cuda_peak_gb'] is None
+    assert [r['step'] for r in logs['eval'] if 'fd_nfe1' in r] == [10, 20]
+    assert all(r['fd_nfe1'] > 0 and r['fd_nfe2'] > 0 and r['eval_samples'] == 80 for r in logs['eval'] if 'fd_nfe1' in r)
+    assert not any('fd_nfe1' in r for r in logs['plain'])
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ('img_per_s', 's_per_it', 'eval_s')} for r in rs]
+    assert strip(logs['eval'])[0] == strip(logs['plain'])[0]   # the same losses before the first evaluation
+    # the killed run: every step once, the same numbers (timings aside) as the uninterrupted run
+    assert [r['step'] for r in logs['killed']] == [5, 10, 15, 20], (before, at)
+    assert strip(logs['killed']) == strip(logs['eval']), (before, at)
+    for k in ('eval', 'killed'):
+        assert sorted(os.listdir(os.path.join(runs[k], 'samples'))) == ['step_0000010.png', 'step_0000020.png']
+    assert not os.path.exists(os.path.join(runs['plain'], 'samples'))
+    for png in ('curves.png', os.path.join('samples', 'step_0000020.png')):
+        with Image.open(os.path.join(runs['eval'], png)) as im:
+            assert im.format == 'PNG' and im.width > 300 and im.height > 100, png
+            assert len(np.unique(np.asarray(im.convert('L')))) > 2, f'{png} is blank'
+    assert not os.path.exists(os.path.join(runs['plain'], 'curves.png'))
+    # weights: evaluation on = off = killed and resumed with evaluation on
+    ck = {k: torch.load(train.latest_checkpoint(runs[k]), weights_only=True) for k in runs}
+    for k in ('plain', 'killed'):
+        assert ck[k]['step'] == 20
+        for part in ('model', 'ema', 'opt'):
+            assert_bit_equal(ck['eval'][part], ck[k][part], f'{part}: eval vs {k}')
+    # the start-up block
+    startup = read(os.path.join(w.logs, 'watch_eval.out'))
+    for text in ('decm: DE-CM (Algorithm 1): losses fm,cm,n2n (N2N update every 3 iterations); teacher',
+                 'items of shape (1, 8, 8)', 'batch 16 global = 16 per rank x 1 rank(s), gradient accumulation 1',
+                 'device cpu', 'network passes fp32', 'pixel FD of 80 samples',
+                 'flags changed from the defaults: ', '--eval-every 10', '--log-every 5'):
+        assert text in startup, (text, startup)
+    assert 'iterations' in out_resumed and '(resumed)' in out_resumed
+
+
+def test_frechet_by_eigendecomposition_equals_sqrtm_and_does_not_warn():
+    """The FD via symmetric eigendecompositions equals the scipy.linalg.sqrtm formula (pytorch-fid's) within
+    1e-6 on well-conditioned statistics, and gives the exact value without a warning on singular ones."""
+    import warnings
+    from scipy import linalg
+    rng = np.random.default_rng(0)
+    for d in (5, 64):
+        a, b = rng.normal(size=(4 * d, d)), rng.normal(size=(4 * d, d)) * 1.5 + 0.3
+        (m1, s1), (m2, s2) = fid.stats(a), fid.stats(b @ rng.normal(size=(d, d)) / np.sqrt(d))
+        covmean = linalg.sqrtm(s1 @ s2).real
+        old = (m1 - m2) @ (m1 - m2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
+        assert abs(fid.frechet_distance(m1, s1, m2, s2) - old) < 1e-6 * max(1, abs(old))
+    s1, s2 = np.diag([0.0, 0.0, 1.0, 4.0]), np.diag([0.0, 2.0, 0.0, 9.0])   # singular: pixels that never change
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        got = fid.frechet_distance(np.zeros(4), s1, np.ones(4), s2)
+        fid.pixel_fd(torch.zeros(20, 1, 4, 4).index_fill_(0, torch.tensor([3]), 1.0), torch.rand(20, 1, 4, 4))
+    assert got == pytest.approx(4 + (0 + 2 + 1 + 13) - 2 * (0 + 0 + 0 + 6), abs=1e-12)
+    with pytest.raises(fid.FIDError, match='not a covariance'):
+        fid.frechet_distance(np.zeros(2), np.diag([1.0, -1.0]), np.zeros(2), np.eye(2))
+
+
+def test_fd_reports_its_sample_count_and_warns_below_the_dimension(w, capsys):
+    """sample.py --fd-ref says how many samples the FD used and warns when they are no more than the pixels
+    (8x8 = 64 here): the covariance is then singular."""
+    assert fid.few_samples_warning(64, 64) and fid.few_samples_warning(65, 64) is None
+    out_dir = os.path.join(w.root, 'fd_count')
+    sample.main(['--ckpt', w.T, '--out', out_dir, '--num-samples', '30', '--fd-ref', w.D, '--threads', '0'])
+    out, err = capsys.readouterr()
+    assert re.search(r'FD: \d+\.\d+ \(pixel FD of 30 samples against 30 images of .*, 64 pixels each\)', out), out
+    assert 'warning: pixel FD from 30 samples of dimension 64' in err, err
