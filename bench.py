@@ -283,7 +283,8 @@ SHORT = {'a': 'teacher', 'b': 'teacher + CFG', 'c': 'FM', 'd': 'CD', 'e': 'FM+CD
          'g': 'FM+CD+N2N (=h,j,n)', 'i': 'no vnorm', 'k': 'arctan', 'l': 'logit-normal', 'm': 'freq 1',
          'o': 'freq 5'}
 # Settings that do not change what a run computes (checked when an existing run folder is reused).
-RUN_FLAGS_IGNORED = {'steps', 'resume', 'loss_set', 'log_every', 'ckpt_every', 'keep', 'workers', 'nan_patience'}
+RUN_FLAGS_IGNORED = {'steps', 'resume', 'loss_set', 'log_every', 'ckpt_every', 'keep', 'workers', 'nan_patience',
+                     'threads', 'eval_every', 'eval_samples', 'vae', 'fid_ref', 'inception'}
 
 
 def table3_sampler(key, step):

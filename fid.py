@@ -567,7 +567,7 @@ def main():
             if n1 is not None or n2 is not None:
                 print('features of ' + ' against '.join(f'{n} images' if n is not None else 'stored statistics'
                                                         for n in (n1, n2)) +
-                      ' (the standard FID: 50,000 samples against the reference batch)')
+                      ' (published FIDs use 50,000 samples against the reference batch)')
             print(f'FID: {value:.4f}')
             for n in (n1, n2):
                 note = few_samples_warning(n, len(mu1), 'FID')
