@@ -442,8 +442,8 @@ def plot_curves(path, records):
     quality = sorted({k for r in records for k in r if k.startswith(('fd_', 'fid_'))})
     panels = [('losses (smoothed)', ['cm', 'fm', 'n2n', 'fm2']),
               ('gradient norm before clipping (smoothed)', ['grad_norm', 'grad_norm2']),
-              ('EMA samples: ' + ('FID' if any(k.startswith('fid') for k in quality) else 'pixel FD') +
-               ' (CM sampler)', quality)]
+              (('FID' if any(k.startswith('fid') for k in quality) else 'pixel FD') +
+               ' of the EMA network (nfeK: K network calls)', quality)]
     colors = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]
     pw, ph, ml, mr, mt, mb = 420, 320, 56, 12, 40, 36
     im = Image.new('RGB', (pw * len(panels), ph), 'white')
@@ -521,16 +521,17 @@ def print_startup(args, student, teacher, data, ds, world, dev, use_amp, per_epo
 
 
 class Evaluator:
-    """--eval-every: samples of the EMA network with the CM sampler at 1 and 2 NFE, from the same noise and
-    labels at every evaluation (seeded private generators: the global RNG, hence training, is untouched),
-    a grid OUT/samples/step_XXXXXXX.png, and a quality figure on --eval-samples samples: the pixel FD
+    """--eval-every: samples of the EMA network with the CM sampler at 1 and 2 NFE (a flow-matching teacher
+    run: its Euler sampler, no CFG, at 4 and 16 steps), from the same noise and labels at every evaluation
+    (seeded private generators: the global RNG, hence training, is untouched), a grid
+    OUT/samples/step_XXXXXXX.png, and a quality figure on --eval-samples samples: the pixel FD
     (fid.pixel_fd) against as many training images for 1- or 3-channel data, FID for latents decoded with
     --vae (against --fid-ref with --inception)."""
-    NFES = (1, 2)
 
-    def __init__(self, ds, args, dev, batch):
+    def __init__(self, ds, args, dev, batch, flow_model=False):
         import fid
         self.ds, self.args, self.dev, self.batch = ds, args, dev, batch
+        self.sampler, self.nfes = ('Euler', (4, 16)) if flow_model else ('CM', (1, 2))
         self.pixels = ds.shape[0] in (1, 3)
         self.vae = self.inception = self.ref_stats = self.real = None
         if self.pixels:                                        # a fixed random subset of the training data
@@ -552,7 +553,8 @@ class Evaluator:
         else:
             what = (f'FID of {n} decoded samples against {self.args.fid_ref}' if self.args.fid_ref else
                     'no quality figure (give --fid-ref and --inception for FID)')
-        return f'every {self.args.eval_every} iterations: CM sampler at 1 and 2 NFE, EMA weights, {what}'
+        return (f'every {self.args.eval_every} iterations: {self.sampler} sampler at {self.nfes[0]} and '
+                f'{self.nfes[1]} NFE, EMA weights, fixed noise and labels, {what}')
 
     @torch.no_grad()
     def __call__(self, ema, step, autocast, stats):
@@ -561,9 +563,9 @@ class Evaluator:
         t0 = time.time()
         a, rec, panels = self.args, {}, []
         cols = 10 if self.ds.shape[1] <= 64 else 4
-        for nfe in self.NFES:
+        for nfe in self.nfes:
             with autocast:
-                xs, _, _ = sample.generate(ema, 'cm', a.eval_samples, nfe, ema.num_classes, seed=a.seed,
+                xs, _, _ = sample.generate(ema, self.sampler.lower(), a.eval_samples, nfe, ema.num_classes, seed=a.seed,
                                            batch=self.batch, device=self.dev, progress=False)
             x = torch.cat([xs[k] for k in sorted(xs)]).float() * stats['std'].cpu() + stats['mean'].cpu()
             if self.pixels:
@@ -576,7 +578,7 @@ class Evaluator:
                 if self.ref_stats is not None:
                     mu, sigma = fid.inception_stats(images, self.inception)
                     rec[f'fid_nfe{nfe}'] = fid.frechet_distance(mu, sigma, *self.ref_stats)
-            panels.append((f'CM sampler, {nfe} NFE (EMA, step {step})', image_grid(images, cols)))
+            panels.append((f'{self.sampler} sampler, {nfe} NFE (EMA, step {step})', image_grid(images, cols)))
         save_eval_grid(os.path.join(a.out, 'samples', f'step_{step:07d}.png'), panels)
         rec['eval_samples'] = a.eval_samples
         rec['eval_s'] = round(time.time() - t0, 3)
@@ -848,7 +850,8 @@ def train(args):
     if not os.access(args.out, os.W_OK):
         raise ValueError(f'--out {args.out} is not writable')
     log_path = os.path.join(args.out, 'log.jsonl')
-    evaluator = Evaluator(ds, args, dev, 4 * (args.batch // world)) if args.eval_every and rank == 0 else None
+    evaluator = (Evaluator(ds, args, dev, 4 * (args.batch // world), student.s_embedder is None)
+                 if args.eval_every and rank == 0 else None)
     if rank == 0:
         trim_log(log_path, step)                              # lines after the checkpoint are redone
     stop = {'signal': None}
