@@ -37,7 +37,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import losses
-from model import DiT, PRESETS, student_from_teacher, count_params, load_dit_state
+from model import DiT, PRESETS, student_from_teacher, load_dit_state
 from teacher import load_teacher, teacher_velocity, read_checkpoint
 
 BUILTIN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'digits16')
@@ -501,7 +501,7 @@ def plot_curves(path, records):
 def print_startup(args, student, teacher, data, ds, world, dev, use_amp, per_epoch, step, evaluator):
     """The block that says what will run, before the first iteration (rank 0)."""
     say = lambda text: print('decm: ' + text)
-    n_params = lambda m: sum(p.numel() for p in m.parameters()) / 1e6
+    n_params = lambda m: sum(p.numel() for p in m.parameters()) / 1e6   # all, trainable or not
     what = 'flow-matching (teacher) training' if args.loss_set == ['fm'] and teacher is None else 'DE-CM (Algorithm 1)'
     say(f'{what}: losses {",".join(args.loss_set)}' + (f' (N2N update every {args.freq} iterations)' if 'n2n' in
         args.loss_set else '') + f'; teacher {args.teacher}' + (f' ({n_params(teacher):.2f}M parameters)'
