@@ -469,7 +469,10 @@ def plot_curves(path, records):
         la, lb = (la - 0.5, lb + 0.5) if lb - la < 1e-6 else (la - 0.05 * (lb - la), lb + 0.05 * (lb - la))
         X = lambda x: x0 + (x - xa) / (xb - xa) * (x1 - x0)
         Y = lambda y: y0 - (math.log10(y) - la) / (lb - la) * (y0 - y1)
-        if lb - la > 1:                                        # y grid: 1, 2, 5 x 10^e, or round values
+        if lb - la > 3:                                        # y grid: powers of 10, 1-2-5, or round values
+            every = math.ceil((lb - la) / 6)
+            yt = [10.0 ** e for e in range(math.floor(la), math.ceil(lb) + 1) if e % every == 0]
+        elif lb - la > 1:
             yt = [m * 10.0 ** e for e in range(math.floor(la), math.ceil(lb) + 1) for m in (1, 2, 5)]
         else:
             yt = [v for v in nice_ticks(10 ** la, 10 ** lb) if v > 0]
