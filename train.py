@@ -544,7 +544,7 @@ class Evaluator:
             from model import load_vavae_decoder
             self.vae = load_vavae_decoder(args.vae, dev)
             if args.fid_ref:
-                self.inception = fid.load_inception(args.inception, dev) if args.inception else None
+                self.inception = fid.load_inception(args.inception, dev)
                 self.ref_stats = fid.source_stats(args.fid_ref, self.inception)[:2]
 
     def describe(self):
@@ -726,17 +726,9 @@ def parse_args(argv=None):
     for flag, path in (('--vae', args.vae), ('--fid-ref', args.fid_ref), ('--inception', args.inception)):
         if path is not None and not os.path.exists(path):
             ap.error(f'{flag} {path}: no such file or folder')
-    if args.fid_ref and not args.inception and not is_stats_npz(args.fid_ref):
-        ap.error(f'--fid-ref {args.fid_ref} holds images: FID also needs --inception PATH')
+    if args.fid_ref and not args.inception:
+        ap.error(f'--fid-ref {args.fid_ref}: FID of the evaluation samples also needs --inception PATH')
     return args
-
-
-def is_stats_npz(path):
-    import fid
-    try:
-        return fid.is_stats_file(path)
-    except ValueError:
-        return False
 
 
 def changed_flags(args):
