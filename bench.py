@@ -10,6 +10,7 @@
     python bench.py estimate   time and memory of the paper's run, from a measured CPU iteration of XL/1
     python bench.py speed      iteration and sampling times, peak memory, the DE-CM iteration against the
                                sum of the passes it cannot avoid -> results/speed.md
+    python bench.py mix        the Mix sampler's switch: pixel FD over --mix-det x --mix-t at one NFE
 
 Pixel FD: the Frechet distance between 2,000 (tables: --n) generated and as many real 16x16 digits, as raw
 pixel vectors (fid.pixel_fd). It is not FID: only the orderings can be compared with the paper. The teacher
@@ -456,6 +457,35 @@ def tables(a):
     print('\n'.join(lines))
 
 
+# ----------------------------------------------------------------------------- Mix sampler sweep
+def mix_sweep(a):
+    """Pixel FD of the Mix sampler at --nfe for every --mix-det (0 = the CM sampler) and --mix-t, against
+    the same real digits and noise as `pipeline` (sampling batch 500, seed 0). Prints a markdown table."""
+    train.set_threads(a.threads)
+    t0 = time.time()
+    model, stats, path = sample.load_model(a.ckpt)
+    if model.s_embedder is None:
+        raise ValueError(f'--ckpt {a.ckpt} is a flow-matching teacher: the Mix sampler needs a DE-CM checkpoint')
+    real, _ = real_pixels(a.n, a.data)
+    rows = ['| `--mix-det` \\ `--mix-t` | ' + ' | '.join(f'{t:g}' for t in a.ts) + ' |',
+            '|---' * (len(a.ts) + 1) + '|']
+    for det in range(a.nfe):
+        args = type('A', (), dict(mix_det=det, mix_t=a.ts[0]))
+        if det == 0:                                           # no deterministic step: the CM sampler
+            fd = fd_of(model, stats, 'mix', a.nfe, real, a.n, args)[0]
+            rows.append(f'| 0 (the CM sampler) | ' + ' | '.join(f'{fd:.2f}' for _ in a.ts) + ' |')
+            continue
+        fds = []
+        for t in a.ts:
+            args.mix_t = t
+            fds.append(fd_of(model, stats, 'mix', a.nfe, real, a.n, args)[0])
+        rows.append(f'| {det}' + (' (default)' if det == a.nfe // 2 else '') + ' | ' +
+                    ' | '.join(f'{fd:.2f}' for fd in fds) + ' |')
+    rows += ['', f'{path}, {a.nfe} NFE, pixel FD of {a.n} samples against {a.n} real digits; '
+                 f'{time.time() - t0:.0f} s on {torch.get_num_threads()} thread(s).']
+    print('\n'.join(rows))
+
+
 # ----------------------------------------------------------------------------- speed
 def _status_kb(key):
     with open('/proc/self/status') as f:
@@ -858,10 +888,18 @@ def main(argv=None):
     p.add_argument('--device', default='auto', help='auto, cpu or cuda')
     p.add_argument('--seed', type=int, default=0, help='seed of the random models and data')
     p.add_argument('--results', default=RESULTS, help='folder for speed.md and speed.json')
+    p = sub.add_parser('mix', help="the Mix sampler's switch: pixel FD over --mix-det x --mix-t")
+    p.add_argument('--ckpt', default='runs/decm', help='DE-CM checkpoint (file or run folder)')
+    p.add_argument('--nfe', type=train.bounded(int, 2), default=4, help='network calls per sample')
+    p.add_argument('--ts', type=train.bounded(float, 0, 1, lo_open=True, hi_open=True), nargs='+',
+                   default=[0.25, 0.5, 0.75], help='switch times --mix-t to try')
+    p.add_argument('--n', type=train.bounded(int, 2), default=2000, help='samples per FD')
+    p.add_argument('--data', default=None, help='latents folder of the real images (default: the built-in digits)')
+    p.add_argument('--threads', type=train.bounded(int, 0), default=0, help='torch.set_num_threads (0: the default)')
     a = ap.parse_args(argv)
     a.command = ' '.join(sys.argv[1:] if argv is None else argv)
     try:
-        {'pipeline': pipeline, 'tables': tables, 'speed': speed, 'estimate': estimate}[a.cmd](a)
+        {'pipeline': pipeline, 'tables': tables, 'speed': speed, 'estimate': estimate, 'mix': mix_sweep}[a.cmd](a)
     except ValueError as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)

@@ -1646,3 +1646,16 @@ def test_fd_reports_its_sample_count_and_warns_below_the_dimension(w, capsys):
     out, err = capsys.readouterr()
     assert re.search(r'FD: \d+\.\d+ \(pixel FD of 30 samples against 30 images of .*, 64 pixels each\)', out), out
     assert 'warning: pixel FD from 30 samples of dimension 64' in err, err
+
+
+def test_bench_mix_sweeps_the_switch(w, tmp_path):
+    """bench.py mix: one row per --mix-det (0 = the CM sampler, equal in every column), one column per --mix-t."""
+    out = str(tmp_path / 'decm')
+    train.main(_distill(w, out, 2)[1:])
+    text = run_bench('mix', '--ckpt', out, '--data', w.D, '--n', '20', '--nfe', '3', '--ts', '0.3', '0.6',
+                           '--threads', '1')
+    rows = [l for l in text.splitlines() if l.startswith('| ')]
+    assert rows[0].startswith('| `--mix-det`') and rows[0].endswith('| 0.3 | 0.6 |'), text
+    cells = [[float(c) for c in r.strip('|').split('|')[1:]] for r in rows[1:]]
+    assert len(cells) == 3 and all(len(c) == 2 and all(np.isfinite(c)) for c in cells), text
+    assert cells[0][0] == cells[0][1] and '(default)' in rows[2]
