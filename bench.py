@@ -865,13 +865,13 @@ def main(argv=None):
     p.add_argument('--batch', type=int, default=64, help='batch size of every run')
     p.add_argument('--n', type=int, default=None, help='samples per FD (default 1000, quick 200)')
     p.add_argument('--seed', type=int, default=0, help='seed of every run and of the sampling noise')
-    p.add_argument('--threads', type=int, default=0, help='torch.set_num_threads (0: leave the default); '
+    p.add_argument('--threads', type=train.bounded(int, 0), default=0, help='torch.set_num_threads (0: leave the default); '
                    '1 is much faster than 2 on a 2-core machine that something else keeps busy')
 
     p = sub.add_parser('estimate', help="paper-scale time and memory from a measured CPU step of XL/1")
     p.add_argument('--preset', default='XL/1', choices=list(train.PRESETS), help='model preset (the paper: XL/1)')
     p.add_argument('--batch', type=int, default=1, help='CPU batch of the measured iterations (and twice it)')
-    p.add_argument('--threads', type=int, default=0, help='torch.set_num_threads (0: leave the default)')
+    p.add_argument('--threads', type=train.bounded(int, 0), default=0, help='torch.set_num_threads (0: leave the default)')
     p.add_argument('--global-batch', type=int, default=1024, help='global batch of the paper run')
     p.add_argument('--gpus', type=int, default=64, help='GPUs of the paper run')
     p.add_argument('--epochs', type=int, default=250, help='ImageNet epochs of the paper run')
@@ -882,7 +882,7 @@ def main(argv=None):
                    help='model presets to measure')
     p.add_argument('--batch', type=int, default=128, help='batch size of the iterations and of sampling')
     p.add_argument('--repeats', type=int, default=5, help='timed runs per measurement (the median is kept)')
-    p.add_argument('--threads', type=int, default=0, help='torch.set_num_threads (0: leave the default)')
+    p.add_argument('--threads', type=train.bounded(int, 0), default=0, help='torch.set_num_threads (0: leave the default)')
     p.add_argument('--freq', type=int, default=3, help='N2N every freq iterations for the average iteration')
     p.add_argument('--w-cfg', type=float, default=2.0, help='CFG weight of the teacher (distillation, sampler)')
     p.add_argument('--device', default='auto', help='auto, cpu or cuda')
