@@ -42,14 +42,17 @@ memory is the extra memory at the peak of one iteration above the state before i
 AdamW state): CUDA max_memory_allocated, or on CPU the process's peak resident set (VmHWM, reset through
 /proc/self/clear_refs after malloc_trim), i.e. activations and temporaries as the OS sees them.
 """
+import argparse
 import copy
 import ctypes
 import gc
 import json
 import math
 import os
+import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import time
 
@@ -66,16 +69,17 @@ from teacher import resolve_checkpoint, teacher_velocity
 RESULTS = 'results'
 
 
-def real_pixels(n, data=None):
-    """n real images (a fixed random subset) and their labels."""
+def real_pixels(n, data=None, seed=1):
+    """n real images (a fixed random subset for each seed) and their labels."""
     ds = train.LatentFolder(data or train.BUILTIN_DIR)
-    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(1))[:n]
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]
     return torch.stack([ds[i][0] for i in idx.tolist()]).float(), ds.labels[idx]
 
 
-def fd_of(model, stats, name, nfe, real, n, args=None, seed=0):
+def fd_of(model, stats, name, nfe, real, n, args=None, seed=0, device='cpu'):
     """Pixel FD of n samples from one sampler; also returns the samples (de-normalised) and labels."""
-    xs, ys, calls = sample.generate(model, name, n, nfe, model.num_classes, seed=seed, batch=500, args=args)
+    xs, ys, calls = sample.generate(model, name, n, nfe, model.num_classes, seed=seed, batch=500, args=args,
+                                    device=str(device), progress=False)
     x = torch.cat([xs[k] for k in sorted(xs)]) * stats['std'] + stats['mean']
     y = torch.cat([ys[k] for k in sorted(ys)])
     assert calls == nfe * len(xs), (calls, nfe)               # --nfe is exact
@@ -139,7 +143,7 @@ PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
            (0, 110, 90)]
 
 
-def line_plot(path, panels, size=(520, 400), legend_w=200):
+def line_plot(path, panels, size=(520, 400), legend_w=200, ylabel='pixel FD (log)'):
     """panels: [(title, x label, {series name: [(x, y), ...]})]. Log x and log y axes; one line and
     colour per series, a legend beside each panel. Non-finite or non-positive y are left out. Pillow only."""
     from PIL import Image, ImageDraw, ImageFont
@@ -179,7 +183,7 @@ def line_plot(path, panels, size=(520, 400), legend_w=200):
             d.text((X(x), y0 + 4), f'{x:g}', fill='black', font=font, anchor='mt')
         d.rectangle([x0, y1, x1, y0], outline='black')
         d.text(((x0 + x1) / 2, ph - 8), xlabel, fill='black', font=font, anchor='mb')
-        d.text((ox + 4, y1 - 30), 'pixel FD (log)', fill='black', font=font)
+        d.text((ox + 4, y1 - 30), ylabel, fill='black', font=font)
         for i, (name, s) in enumerate(series.items()):
             col = PALETTE[i % len(PALETTE)]
             good = [(X(x), Y(y)) for x, y in sorted(s) if math.isfinite(y) and y > 0]
@@ -195,57 +199,349 @@ def line_plot(path, panels, size=(520, 400), legend_w=200):
 
 
 # ----------------------------------------------------------------------------- pipeline
-def pipeline(a):
-    os.makedirs(a.results, exist_ok=True)
-    t0 = time.time()
-    runs = a.runs
-    teacher_dir, decm_dir = os.path.join(runs, 'teacher'), os.path.join(runs, 'decm')
-    base = ['--seed', str(a.seed)]
+def resolve_device(name):
+    return torch.device('cuda' if name == 'auto' and torch.cuda.is_available() else
+                        ('cpu' if name == 'auto' else name))
+
+
+def teacher_rows(w_cfg, eta, sweep):
+    """The teacher baselines: (row name, guidance, w, steps). The fair baseline of DE-CM is the teacher
+    on the very velocity it distils (APG, same w and eta); plain CFG is swept over `sweep`."""
+    rows = [('teacher, distilled velocity (APG)', 'apg', w_cfg, 1), ('teacher, distilled velocity (APG)', 'apg', w_cfg, 50)]
+    return rows + [(f'teacher, plain CFG w = {w:g}', 'cfg', w, 50) for w in sweep]
+
+
+def fd_cached(cache, key, fn):
+    """FD values survive an interrupted command: cache[key] is computed once, then saved by the caller."""
+    if key not in cache:
+        cache[key] = float(fn())
+    return cache[key]
+
+
+def load_json(path):
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return {}
+
+
+def mean_sd(values):
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return float('nan'), float('nan')
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else float('nan'))
+
+
+def pm(values, digits=2):
+    m, s = mean_sd(values)
+    return f'{m:.{digits}f} +- {s:.{digits}f}' if math.isfinite(s) else f'{m:.{digits}f}'
+
+
+def outside_noise(a_vals, b_vals):
+    """Is the difference of the two means larger than twice its standard error (Welch)?"""
+    (ma, sa), (mb, sb) = mean_sd(a_vals), mean_sd(b_vals)
+    if not (math.isfinite(sa) and math.isfinite(sb)):
+        return False
+    se = math.sqrt(sa ** 2 / len(a_vals) + sb ** 2 / len(b_vals))
+    return abs(ma - mb) > 2 * se
+
+
+def run_parallel(jobs, n_parallel, log_dir, deadline=None):
+    """Run [argv, ...] (python scripts of this folder) as subprocesses, n_parallel at a time, each with
+    one CPU thread (OMP's spinning threads would otherwise fight over the cores); logs in log_dir.
+    Past `deadline` (time.time()), running jobs are stopped with SIGTERM (train.py saves and exits)."""
+    os.makedirs(log_dir, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
+    here = os.path.dirname(os.path.abspath(__file__))
+    pending, running, failed = list(enumerate(jobs)), [], []
+    bar = tqdm(total=len(jobs), desc='jobs', dynamic_ncols=True)
+    while pending or running:
+        while pending and len(running) < n_parallel and not (deadline and time.time() > deadline):
+            i, argv = pending.pop(0)
+            log = open(os.path.join(log_dir, f'job{i:03d}.log'), 'w')
+            p = subprocess.Popen([sys.executable, os.path.join(here, argv[0])] + argv[1:], env=env,
+                                 stdout=log, stderr=subprocess.STDOUT, cwd=os.getcwd())
+            running.append((i, p, log))
+        if deadline and time.time() > deadline:
+            pending = []
+            for _, p, _ in running:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+        for i, p, log in list(running):
+            if p.poll() is not None:
+                log.close()
+                running.remove((i, p, log))
+                bar.update(1)
+                if p.returncode != 0:
+                    failed.append(i)
+        time.sleep(0.2)
+    bar.close()
+    return failed
+
+
+def decm_argv(a, teacher_ckpt, out, seed, steps):
+    """train.py flags of a DE-CM run of the pipeline (and of the study's configurations)."""
+    return ['--seed', str(seed), '--batch', str(a.decm_batch), '--teacher', teacher_ckpt, '--out', out,
+            '--steps', str(steps), '--lr', str(a.decm_lr), '--w-cfg', str(a.w_cfg), '--eta', str(a.eta),
+            '--device', a.device, '--amp', a.amp, '--resume', 'auto', '--keep', '1'] + list(a.extra)
+
+
+def train_teacher(a):
+    teacher_dir = os.path.join(a.runs, 'teacher')
     if not a.skip_teacher:
-        run_train(base + ['--batch', str(a.batch), '--losses', 'fm', '--teacher', 'none', '--out', teacher_dir, '--steps',
-                           str(a.teacher_steps), '--lr', str(a.teacher_lr), '--resume', 'auto'])
+        run_train(['--seed', str(a.teacher_seed), '--batch', str(a.batch), '--losses', 'fm', '--teacher', 'none',
+                   '--out', teacher_dir, '--steps', str(a.teacher_steps), '--lr', str(a.teacher_lr),
+                   '--device', a.device, '--amp', a.amp, '--resume', 'auto'])
+    ckpt = train.latest_checkpoint(teacher_dir)
+    if ckpt is None:
+        raise ValueError(f'--runs {a.runs}: no teacher in {teacher_dir} (drop --skip-teacher to train one)')
+    return teacher_dir, ckpt
+
+
+def teacher_fds(a, teacher_dir, seeds, dev, cache, cache_path, panels=None):
+    """FD of every teacher row for every sampling seed (cached)."""
+    teacher, stats, _ = sample.load_model(teacher_dir, dev)
+    out = {}
+    for seed in seeds:
+        real = real_pixels(a.n, seed=100 + seed)[0]
+        for name, guidance, w, steps in teacher_rows(a.w_cfg, a.eta, a.cfg_sweep):
+            targs = type('A', (), dict(cfg=w, cfg_interval_start=0.0, shift=0.0, guidance=guidance, eta=a.eta))
+            key = f'{name}|{steps}|{seed}|{a.n}'
+            need_grid = panels is not None and seed == seeds[0] and guidance == 'apg'
+            if key not in cache or need_grid:
+                fd, x, y = fd_of(teacher, stats, 'teacher', steps, real, a.n, targs, seed, dev)
+                cache[key] = float(fd)
+                if need_grid:
+                    panels.append((f'teacher {steps} step(s)', grid_rows(x, y)))
+                write_atomic(cache_path, json.dumps(cache, indent=1))
+            out[name, steps, seed] = cache[key]
+    return out
+
+
+def pipeline(a):
+    """digits -> teacher -> DE-CM (one run per seed) -> the teacher baselines and DE-CM samplers ->
+    FD table (mean +- sd over seeds) in RUNS/pipeline.md (results/ with --publish)."""
+    t0 = time.time()
+    dev = resolve_device(a.device)
+    os.makedirs(a.runs, exist_ok=True)
+    teacher_dir, teacher_ckpt = train_teacher(a)
     t1 = time.time()
-    teacher_ckpt = train.latest_checkpoint(teacher_dir)
-    run_train(base + ['--batch', str(a.decm_batch), '--teacher', teacher_ckpt, '--out', decm_dir, '--steps', str(a.decm_steps),
-                       '--lr', str(a.decm_lr), '--w-cfg', str(a.w_cfg), '--resume', 'auto'] + a.extra)
+    decm_dirs = {s: os.path.join(a.runs, f'decm-s{s}') for s in a.seeds}
+    jobs = [decm_argv(a, teacher_ckpt, decm_dirs[s], s, a.decm_steps) for s in a.seeds]
+    for argv in jobs:
+        check_run(argv[argv.index('--out') + 1], argv, a.decm_steps)
+    if a.jobs > 1:
+        failed = run_parallel([['train.py'] + argv for argv in jobs], a.jobs, os.path.join(a.runs, 'logs'))
+        if failed:
+            raise ValueError(f'{len(failed)} DE-CM run(s) failed: see {os.path.join(a.runs, "logs")}')
+    else:
+        for argv in jobs:
+            run_train(argv)
     t2 = time.time()
-    real2, real_y = real_pixels(2 * a.n)
-    real = real2[:a.n]
-    ref_fd = pixel_fd(real2[a.n:].numpy(), real.numpy())       # two sets of real data: the floor
-    teacher, stats, _ = sample.load_model(teacher_dir)
-    decm, stats_d, _ = sample.load_model(decm_dir)
-    targs = type('A', (), dict(cfg=a.w_cfg, cfg_interval_start=0.0, shift=0.0))
-    rows, panels = [], []
-    for nfe in [1, 2, 4, 50]:
-        fd, x, y = fd_of(teacher, stats, 'teacher', nfe, real, a.n, targs)
-        rows.append(('teacher Euler + CFG', nfe, fd))
-        if nfe in (1, 50):
-            panels.append((f'teacher {nfe} step(s)', grid_rows(x, y)))
-    for name in ['cm', 'mix', 'euler']:
-        for nfe in ([1, 2, 4] if name != 'euler' else [4, 16]):
-            if name == 'mix' and nfe == 1:
-                continue                                       # Mix at 1 NFE is the CM sampler
-            fd, x, y = fd_of(decm, stats_d, name, nfe, real, a.n)
-            rows.append((f'DE-CM {name}', nfe, fd))
-            if (name, nfe) in [('cm', 1), ('cm', 2), ('mix', 4)]:
-                panels.append((f'DE-CM {name} {nfe} NFE', grid_rows(x, y)))
+
+    cache_path = os.path.join(a.runs, 'fd.json')
+    cache = load_json(cache_path)
+    panels = []
+    fds = {}                                                   # (row, nfe) -> [fd per seed]
+    for k, v in teacher_fds(a, teacher_dir, a.seeds, dev, cache, cache_path, panels).items():
+        fds.setdefault(k[:2], []).append(v)
+    decm_rows = [('DE-CM, CM sampler', 'cm', 1), ('DE-CM, CM sampler', 'cm', 2), ('DE-CM, CM sampler', 'cm', 4),
+                 ('DE-CM, Mix sampler', 'mix', 4)]
+    for seed in tqdm(a.seeds, desc='pipeline: DE-CM samplers', dynamic_ncols=True):
+        real2, real_y = real_pixels(2 * a.n, seed=100 + seed)
+        real = real2[:a.n]
+        fds.setdefault(('two sets of real data', '-'), []).append(
+            fd_cached(cache, f'real|{seed}|{a.n}', lambda: pixel_fd(real2[a.n:].numpy(), real.numpy())))
+        decm, stats_d, _ = sample.load_model(decm_dirs[seed], dev)
+        for name, smp, nfe in decm_rows:
+            key = f'{decm_dirs[seed]}|{smp}|{nfe}|{seed}|{a.n}'
+            grid = seed == a.seeds[0] and (smp, nfe) in [('cm', 1), ('cm', 2), ('mix', 4)]
+            if key not in cache or grid:
+                fd, x, y = fd_of(decm, stats_d, smp, nfe, real, a.n, None, seed, dev)
+                cache[key] = float(fd)
+                if grid:
+                    panels.append((f'DE-CM {smp} {nfe} NFE', grid_rows(x, y)))
+                write_atomic(cache_path, json.dumps(cache, indent=1))
+            fds.setdefault((name, nfe), []).append(cache[key])
+        if seed == a.seeds[0]:
+            panels.insert(0, ('real data', grid_rows(real, real_y[:a.n])))
     t3 = time.time()
-    panels.insert(0, ('real data', grid_rows(real, real_y[:a.n])))
-    save_panels(os.path.join(a.results, 'pipeline.png'), panels)
-    fd_t50 = [fd for n_, k, fd in rows if n_.startswith('teacher') and k == 50][0]
-    fd_t1 = [fd for n_, k, fd in rows if n_.startswith('teacher') and k == 1][0]
-    fd_d1 = [fd for n_, k, fd in rows if n_ == 'DE-CM cm' and k == 1][0]
-    lines = ['| model / sampler | NFE | pixel FD |', '|---|---|---|']
-    lines += [f'| {n_} | {k} | {fd:.2f} |' for n_, k, fd in rows]
-    lines += [f'| two sets of real data | - | {ref_fd:.2f} |', '',
-              f'DE-CM 1-NFE FD / teacher 50-step FD = {fd_d1 / fd_t50:.2f} (bar: at most 1.5); '
-              f'teacher 1-step FD / DE-CM 1-NFE FD = {fd_t1 / fd_d1:.1f} (bar: at least 5).',
-              f'Time: teacher {t1 - t0:.0f} s ({a.teacher_steps} steps), DE-CM {t2 - t1:.0f} s '
-              f'({a.decm_steps} steps), sampling and FD {t3 - t2:.0f} s; total {t3 - t0:.0f} s '
-              f'on {torch.get_num_threads()} threads.',
-              f'Command: python bench.py pipeline {" ".join(sys.argv[2:])}']
-    write_atomic(os.path.join(a.results, 'pipeline.md'), '\n'.join(lines) + '\n')
+
+    apg50 = fds['teacher, distilled velocity (APG)', 50]
+    cfg_rows = [(w, fds[f'teacher, plain CFG w = {w:g}', 50]) for w in a.cfg_sweep]
+    best_w, best_cfg = min(cfg_rows, key=lambda r: mean_sd(r[1])[0])
+    base = [('the distilled-velocity teacher at 50 steps', apg50), (f'the best plain-CFG teacher at 50 steps '
+            f'(w = {best_w:g})', best_cfg)]
+    strongest_name, strongest = min(base, key=lambda b: mean_sd(b[1])[0])
+    lines = [f'# The miniature pipeline: {len(a.seeds)} seed(s) {a.seeds}, {a.n} samples per FD', '',
+             '| model / sampler | NFE | pixel FD (mean +- sd over seeds) | per seed |', '|---|---|---|---|']
+    for (name, nfe), vals in fds.items():
+        lines.append(f'| {name} | {nfe} | {pm(vals)} | {", ".join(f"{v:.2f}" for v in vals)} |')
+    lines += ['', f'Ratios of DE-CM to each baseline (mean of the per-seed ratios +- sd; the strongest '
+              f'baseline is {strongest_name}, {pm(strongest)}):', '',
+              '| DE-CM sampler | NFE | / distilled-velocity teacher, 50 steps | / best plain CFG, 50 steps | '
+              'differs from the strongest beyond noise? |', '|---|---|---|---|---|']
+    ratios = {}
+    for name, smp, nfe in decm_rows:
+        vals = fds[name, nfe]
+        r_apg = [v / b for v, b in zip(vals, apg50)]
+        r_cfg = [v / b for v, b in zip(vals, best_cfg)]
+        ratios[smp, nfe] = [v / b for v, b in zip(vals, strongest)]
+        beyond = outside_noise(vals, strongest)
+        lines.append(f'| {name} | {nfe} | {pm(r_apg)} | {pm(r_cfg)} | '
+                     f'{("yes: " + ("worse" if mean_sd(vals)[0] > mean_sd(strongest)[0] else "better")) if beyond else "no"} |')
+    r1 = mean_sd(ratios['cm', 1])[0]
+    lines += ['', f'Headline: DE-CM at 1 NFE is {r1:.2f}x the FD of the strongest teacher baseline '
+              f'({strongest_name}). "Beyond noise": the difference of the means is more than twice its standard '
+              f'error over the {len(a.seeds)} seeds; the floor (two sets of real data) is '
+              f'{pm(fds["two sets of real data", "-"])}.',
+              f'Settings: teacher {a.teacher_steps} flow-matching iterations (batch {a.batch}, lr {a.teacher_lr:g}, '
+              f'seed {a.teacher_seed}); DE-CM {a.decm_steps} iterations per seed (batch {a.decm_batch}, lr '
+              f'{a.decm_lr:g}, w_cfg {a.w_cfg:g}, eta {a.eta:g}{", " + " ".join(a.extra) if a.extra else ""}); '
+              f'seed s trains DE-CM with seed s and samples every row with noise seed s against real subset s.',
+              f'Time: teacher {t1 - t0:.0f} s, DE-CM {t2 - t1:.0f} s ({a.jobs} at a time), sampling and FD '
+              f'{t3 - t2:.0f} s; total {t3 - t0:.0f} s on {dev} ({torch.get_num_threads()} threads).',
+              f'Command: python bench.py {a.command}']
+    write_atomic(os.path.join(a.runs, 'pipeline.md'), '\n'.join(lines) + '\n')
+    write_atomic(os.path.join(a.runs, 'pipeline.json'), json.dumps(
+        {'fd': [{'row': n, 'nfe': k, 'fd': v} for (n, k), v in fds.items()], 'seeds': a.seeds, 'n': a.n,
+         'strongest': strongest_name, 'ratio_cm1': r1}, indent=1) + '\n')
+    save_panels(os.path.join(a.runs, 'pipeline.png'), panels)
+    if a.publish:
+        os.makedirs(a.results, exist_ok=True)
+        for f in ('pipeline.md', 'pipeline.json', 'pipeline.png'):
+            shutil.copyfile(os.path.join(a.runs, f), os.path.join(a.results, f))
     print('\n'.join(lines))
+
+
+# ----------------------------------------------------------------------------- study
+# What closes the gap to the teacher: each configuration is the pipeline's DE-CM run plus these flags.
+STUDY = [
+    ('base', 'the pipeline before the study (lr 3e-4, batch 64, constant w1)', []),
+    ('lr1e-3', 'higher learning rate', ['--lr', '1e-3']),
+    ('lr1e-3-cosine', 'lr 1e-3, warm-up 100, cosine decay to 0', ['--lr', '1e-3', '--lr-schedule', 'cosine', '--warmup', '100']),
+    ('facm', "FACM's CM target: w1(t) = 1 - t^0.5, g clipped to [-1, 1], loss weight cos(pi t / 2)",
+     ['--w1-power', '0.5', '--g-clip', '1', '--cm-weight', 'cos']),
+    ('facm-lr1e-3', 'facm and lr 1e-3', ['--w1-power', '0.5', '--g-clip', '1', '--cm-weight', 'cos', '--lr', '1e-3']),
+    ('w1-relax', 'w1(t) = 1 - t^0.5 alone', ['--w1-power', '0.5']),
+    ('g-clip', 'g clipped to [-1, 1] alone', ['--g-clip', '1']),
+    ('cm-cos', 'CM loss weight cos(pi t / 2) alone', ['--cm-weight', 'cos']),
+    ('ema0.999', 'EMA 0.999', ['--ema', '0.999']),
+    ('ema0.98', 'EMA 0.98', ['--ema', '0.98']),
+    ('batch128', 'batch 128', ['--batch', '128']),
+    ('seg16', 'N = 16 segments', ['--segments', '16']),
+    ('rmax0.2', 'r_max 0.2', ['--r-max', '0.2']),
+    ('p1', 'adaptive weighting p = 1', ['--p', '1']),
+    ('w2-0.5', 'w2 = 0.5', ['--w2', '0.5']),
+    ('freq1', 'N2N every iteration', ['--freq', '1']),
+]
+
+
+def study_one(a, name, seed, teacher_ckpt, dev):
+    """One (configuration, seed): train in chunks up to each evaluation step, evaluate the EMA weights."""
+    flags = dict((n, f) for n, _, f in STUDY)[name]
+    out = os.path.join(a.runs, f'{name}-s{seed}')
+    evals_path = os.path.join(out, 'evals.json')
+    evals = load_json(evals_path)
+    real = real_pixels(a.n, seed=100 + seed)[0]
+    for step in a.eval_at:
+        if str(step) in evals:
+            continue
+        if a.stop_at and time.time() > a.stop_at:
+            break
+        a2 = copy.copy(a)
+        a2.extra = list(a.extra) + flags
+        run_train(decm_argv(a2, teacher_ckpt, out, seed, step))
+        if train.latest_checkpoint(out) is None:
+            break
+        ckpt = train.load_student_checkpoint(train.latest_checkpoint(out))
+        if ckpt['step'] < step:                                # stopped early (SIGTERM)
+            break
+        model, stats, _ = sample.load_model(out, dev)
+        evals[str(step)] = {f'{smp}{nfe}': float(fd_of(model, stats, smp, nfe, real, a.n, None, seed, dev)[0])
+                            for smp, nfe in (('cm', 1), ('cm', 2), ('mix', 4))}
+        os.makedirs(out, exist_ok=True)
+        write_atomic(evals_path, json.dumps(evals, indent=1))
+
+
+def study(a):
+    """Every configuration of STUDY x every seed, evaluated at each of --eval-at; results/study.md + .png."""
+    dev = resolve_device(a.device)
+    os.makedirs(a.runs, exist_ok=True)
+    teacher_dir, teacher_ckpt = train_teacher(a)
+    if a.one:                                                  # one job of the pool below
+        name, seed = a.one.rsplit(':', 1)
+        if name == 'teacher':
+            cache_path = os.path.join(a.runs, 'teacher_fd.json')
+            teacher_fds(a, teacher_dir, a.seeds, dev, load_json(cache_path), cache_path)
+        else:
+            study_one(a, name, int(seed), teacher_ckpt, dev)
+        return
+    names = [n for n, _, _ in STUDY] if a.configs == ['all'] else a.configs
+    unknown = [n for n in names if n not in dict((n, d) for n, d, _ in STUDY)]
+    if unknown:
+        raise ValueError(f'--configs: unknown {unknown} (choose from {[n for n, _, _ in STUDY]} or all)')
+    common = ['bench.py', 'study', '--runs', a.runs, '--skip-teacher', '--n', str(a.n), '--device', a.device,
+              '--amp', a.amp, '--eval-at', *map(str, a.eval_at), '--seeds', *map(str, a.seeds),
+              '--decm-batch', str(a.decm_batch), '--decm-lr', str(a.decm_lr), '--w-cfg', str(a.w_cfg),
+              '--eta', str(a.eta), '--cfg-sweep', *map(str, a.cfg_sweep)]
+    if a.stop_after:
+        common += ['--stop-at', str(time.time() + a.stop_after)]
+    jobs = [common + ['--one', 'teacher:0']]
+    jobs += [common + ['--one', f'{n}:{s}'] for n in names for s in a.seeds]
+    failed = run_parallel(jobs, a.jobs, os.path.join(a.runs, 'logs'),
+                          deadline=time.time() + a.stop_after + 60 if a.stop_after else None)
+    study_report(a, names, failed)
+
+
+def study_report(a, names, failed=()):
+    tfd = load_json(os.path.join(a.runs, 'teacher_fd.json'))
+    ref = {s: tfd.get(f'teacher, distilled velocity (APG)|50|{s}|{a.n}') for s in a.seeds}
+    cfg = {w: [tfd.get(f'teacher, plain CFG w = {w:g}|50|{s}|{a.n}') for s in a.seeds] for w in a.cfg_sweep}
+    desc = dict((n, (d, f)) for n, d, f in STUDY)
+    lines = ['# What closes the gap: the study', '',
+             f'Each configuration is the pipeline\'s DE-CM run (batch {a.decm_batch}, lr {a.decm_lr:g}, w_cfg '
+             f'{a.w_cfg:g}, eta {a.eta:g}, the pipeline\'s teacher) plus its flags, trained with seeds {a.seeds}; '
+             f'the EMA weights are evaluated at {a.eval_at} iterations with {a.n} samples per FD (sampling seed = '
+             f'training seed, real subset = seed). Ratio = DE-CM FD / the FD of the teacher at 50 steps on the '
+             f'distilled velocity (APG) with the same seed: {pm(list(ref.values()))}.',
+             'Plain CFG teacher at 50 steps: ' + '; '.join(f'w = {w:g}: {pm(v)}' for w, v in cfg.items()) + '.', '',
+             '## Summary (mean +- sd over seeds of the ratio, at the last step every seed reached)', '',
+             '| configuration | flags | step | CM 1 NFE | CM 2 NFE | Mix 4 NFE |', '|---|---|---|---|---|---|']
+    curves = {k: {} for k in ('cm1', 'cm2', 'mix4')}
+    every = ['', '## Every run', '', '| configuration | seed | step | FD CM 1 | FD CM 2 | FD Mix 4 | ratio CM 1 | '
+             'ratio CM 2 | ratio Mix 4 |', '|---|---|---|---|---|---|---|---|---|']
+    summary = []
+    for n in names:
+        ev = {s: load_json(os.path.join(a.runs, f'{n}-s{s}', 'evals.json')) for s in a.seeds}
+        steps = [st for st in a.eval_at if all(str(st) in ev[s] for s in a.seeds) and all(ref[s] for s in a.seeds)]
+        for s in a.seeds:
+            for st in a.eval_at:
+                e = ev[s].get(str(st))
+                if e and ref[s]:
+                    every.append(f'| {n} | {s} | {st} | {e["cm1"]:.2f} | {e["cm2"]:.2f} | {e["mix4"]:.2f} | '
+                                 f'{e["cm1"] / ref[s]:.3f} | {e["cm2"] / ref[s]:.3f} | {e["mix4"] / ref[s]:.3f} |')
+        for k in curves:
+            curves[k][n] = [(st, mean_sd([ev[s][str(st)][k] / ref[s] for s in a.seeds])[0]) for st in steps]
+        if steps:
+            st = steps[-1]
+            r = {k: [ev[s][str(st)][k] / ref[s] for s in a.seeds] for k in curves}
+            summary.append((mean_sd(r['cm1'])[0], f'| {n} | {" ".join(desc[n][1]) or "-"} | {st} | {pm(r["cm1"], 3)} | '
+                            f'{pm(r["cm2"], 3)} | {pm(r["mix4"], 3)} |'))
+        else:
+            summary.append((float('inf'), f'| {n} | {" ".join(desc[n][1]) or "-"} | not reached | | | |'))
+    lines += [row for _, row in sorted(summary, key=lambda r: r[0])]
+    lines += ['', 'Configurations: ' + '; '.join(f'**{n}**: {desc[n][0]}' for n in names) + '.']
+    if failed:
+        lines += ['', f'{len(failed)} job(s) failed or were stopped (see {os.path.join(a.runs, "logs")}).']
+    lines += every + ['', f'Command: python bench.py {a.command}']
+    os.makedirs(a.results, exist_ok=True)
+    write_atomic(os.path.join(a.results, 'study.md'), '\n'.join(lines) + '\n')
+    line_plot(os.path.join(a.results, 'study.png'),
+              [(f'DE-CM {lab} / teacher 50 steps (APG), mean over seeds', 'training iterations', curves[k])
+               for k, lab in (('cm1', 'CM 1 NFE'), ('cm2', 'CM 2 NFE'), ('mix4', 'Mix 4 NFE'))],
+              ylabel='FD ratio (log)')
+    print('\n'.join(lines[:len(lines) - len(every)]))
 
 
 # ----------------------------------------------------------------------------- tables (Table 3 and 4)
@@ -798,20 +1094,48 @@ def estimate(a):
 def main(argv=None):
     ap = train.cli_parser(__doc__)
     sub = ap.add_subparsers(dest='cmd', required=True)
-    p = sub.add_parser('pipeline', help='the whole miniature pipeline with an FD table')
-    p.add_argument('--runs', default='runs', help='folder for the teacher and DE-CM runs')
-    p.add_argument('--results', default=RESULTS, help='folder for pipeline.md and pipeline.png')
-    p.add_argument('--teacher-steps', type=int, default=2000, help='teacher flow-matching iterations')
-    p.add_argument('--teacher-lr', type=float, default=1e-3, help='teacher learning rate')
-    p.add_argument('--skip-teacher', action='store_true', help='reuse RUNS/teacher as it is')
+    def common(p, runs):
+        p.add_argument('--runs', default=runs, help='folder for the runs, their logs and the FD cache')
+        p.add_argument('--results', default=RESULTS, help='folder of the published results')
+        p.add_argument('--device', default='auto', help='auto, cpu or cuda (training and sampling)')
+        p.add_argument('--amp', default='off', choices=['auto', 'on', 'off'], help='bf16 autocast of the runs '
+                       '(off: fp32 everywhere, so CPU and GPU runs compute the same thing)')
+        p.add_argument('--teacher-steps', type=int, default=2000, help='teacher flow-matching iterations')
+        p.add_argument('--teacher-lr', type=float, default=1e-3, help='teacher learning rate')
+        p.add_argument('--teacher-seed', type=int, default=0, help='seed of the teacher run')
+        p.add_argument('--batch', type=int, default=128, help='teacher batch size')
+        p.add_argument('--skip-teacher', action='store_true', help='reuse RUNS/teacher as it is')
+        p.add_argument('--decm-batch', type=int, default=64, help='DE-CM batch size')
+        p.add_argument('--decm-lr', type=float, default=3e-4, help='DE-CM learning rate')
+        p.add_argument('--w-cfg', type=float, default=2.0, help='CFG weight of the distilled velocity (and of '
+                       'the distilled-velocity teacher baseline)')
+        p.add_argument('--eta', type=float, default=0.05, help='APG eta of the distilled velocity (train.py --eta)')
+        p.add_argument('--cfg-sweep', type=float, nargs='+', default=[1.0, 1.25, 1.5, 2.0],
+                       help='plain-CFG weights of the teacher baselines at 50 steps')
+        p.add_argument('--n', type=int, default=2000, help='samples per FD')
+        p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2], help='seeds (training and sampling)')
+        p.add_argument('--jobs', type=int, default=1, help='runs trained at a time, as subprocesses of one '
+                       'thread each (a GPU or a many-core machine; 1: in this process)')
+
+    p = sub.add_parser('pipeline', help='the whole miniature pipeline with an FD table over seeds')
+    common(p, 'runs/pipe')
     p.add_argument('--decm-steps', type=int, default=400, help='DE-CM iterations')
-    p.add_argument('--decm-batch', type=int, default=64, help='DE-CM batch size')
-    p.add_argument('--decm-lr', type=float, default=3e-4, help='DE-CM learning rate')
-    p.add_argument('--w-cfg', type=float, default=2.0, help='CFG weight (teacher sampler and distillation)')
-    p.add_argument('--batch', type=int, default=128, help='teacher batch size')
-    p.add_argument('--n', type=int, default=2000, help='samples per FD')
-    p.add_argument('--seed', type=int, default=0, help='seed of both runs')
-    p.add_argument('extra', nargs='*', help='more train.py flags for the DE-CM run (after --)')
+    p.add_argument('--publish', action='store_true', help='also copy pipeline.md/.json/.png into --results '
+                   '(by default they stay in --runs)')
+    p.add_argument('extra', nargs='*', help='more train.py flags for the DE-CM runs (after --)')
+
+    p = sub.add_parser('study', help='what closes the gap to the teacher: STUDY configurations x seeds, '
+                       'FD ratio against training iterations (results/study.md, study.png)')
+    common(p, 'runs/study')
+    p.add_argument('--configs', nargs='+', default=['all'], help='names from STUDY (bench.py), or all')
+    p.add_argument('--eval-at', type=int, nargs='+', default=[250, 500, 1000, 2000, 4000],
+                   help='iterations at which the EMA weights are evaluated (the run stops at the last)')
+    p.add_argument('--stop-after', type=float, default=0, help='seconds: stop starting chunks after this, '
+                   'stop the runs 60 s later and report what was reached (0: no limit)')
+    p.add_argument('--stop-at', type=float, default=0, help=argparse.SUPPRESS)
+    p.add_argument('--one', default=None, help=argparse.SUPPRESS)
+    p.add_argument('--report', action='store_true', help='only rewrite study.md/.png from the runs')
+    p.set_defaults(extra=[])
 
     p = sub.add_parser('tables', help="the paper's Table 3 (a)-(o) and Table 4 in miniature")
     p.add_argument('--quick', action='store_true', help='about 5 minutes: 200 teacher and 8 DE-CM iterations, '
@@ -860,7 +1184,14 @@ def main(argv=None):
     a = ap.parse_args(argv)
     a.command = ' '.join(sys.argv[1:] if argv is None else argv)
     try:
-        {'pipeline': pipeline, 'tables': tables, 'speed': speed, 'estimate': estimate}[a.cmd](a)
+        if a.cmd in ('pipeline', 'study'):
+            for name in ('n', 'jobs', 'teacher_steps', 'batch', 'decm_batch') + (('decm_steps',) if a.cmd == 'pipeline' else ()):
+                if getattr(a, name) < (2 if name == 'n' else 1):
+                    ap.error(f'--{name.replace("_", "-")} {getattr(a, name)}: must be at least {2 if name == "n" else 1}')
+            if a.cmd == 'study' and a.report:
+                names = [n for n, _, _ in STUDY] if a.configs == ['all'] else a.configs
+                return study_report(a, names)
+        {'pipeline': pipeline, 'study': study, 'tables': tables, 'speed': speed, 'estimate': estimate}[a.cmd](a)
     except ValueError as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)

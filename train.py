@@ -184,6 +184,16 @@ def sample_t(n, args, device):
 
 
 # ----------------------------------------------------------------------------- one iteration
+def lr_at(step, args):
+    """Learning rate of iteration `step` (0-based): linear warm-up, then constant or cosine decay."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    if args.lr_schedule == 'cosine':
+        done = (step - args.warmup) / max(1, args.steps - args.warmup)
+        return args.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
+    return args.lr
+
+
 def all_reduce_grads(params, world):
     """Average gradients over ranks with one flat all-reduce (instead of DDP, see the docstring)."""
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
@@ -235,7 +245,8 @@ def train_step(student, ema, teacher, opt, batch, it, args, world, autocast, dra
     log, ok = {}, True
     loss = 0.0
     if 'cm' in names:                                          # l.8-11
-        log['cm'], _ = losses.cm_loss(student, x_t, t, y, v_t, args.w1, args.p, args.c, args.fused)
+        log['cm'], _ = losses.cm_loss(student, x_t, t, y, v_t, args.w1, args.p, args.c, args.fused,
+                                      args.w1_power, args.g_clip, args.cm_weight)
         loss = loss + log['cm']
     if 'fm' in names:                                          # l.13-14
         with autocast:
@@ -356,6 +367,9 @@ def parse_args(argv=None):
     A('--steps', type=int, default=2000, help='training iterations')
     A('--batch', type=int, default=128, help='global batch size (split over torchrun ranks)')
     A('--lr', type=float, default=1e-4, help='AdamW learning rate (paper: 1e-4)')
+    A('--lr-schedule', default='constant', choices=['constant', 'cosine'],
+      help="learning rate over the run: 'constant', or 'cosine' decay to 0 at --steps (after --warmup)")
+    A('--warmup', type=int, default=0, help='iterations of linear learning-rate warm-up from 0')
     A('--beta2', type=float, default=0.95, help="AdamW beta2 (LightningDiT's 0.95)")
     A('--weight-decay', type=float, default=0.0, help='AdamW weight decay')
     A('--ema', type=float, default=0.995, help='EMA decay per update (0.9999 for long GPU runs)')
@@ -367,6 +381,10 @@ def parse_args(argv=None):
     A('--lam', type=float, default=1.0, help='lambda: weight of the left (r) end of N2N')
     A('--gam', type=float, default=1.0, help='gamma: weight of the right (t) end of N2N')
     A('--w1', type=float, default=1.0, help='w1(t), constant: weight of g_cm in the CM target')
+    A('--w1-power', type=float, default=0.0, help='q > 0: w1(t) = w1 (1 - t^q), FACM\'s relaxation '
+      '(0: the constant w1 of Alg. 1)')
+    A('--g-clip', type=float, default=0.0, help='clip g_cm elementwise to [-g_clip, g_clip] in the CM target (FACM: 1; 0: off)')
+    A('--cm-weight', default='none', choices=['none', 'cos'], help="per-sample weight of L_cm: 'cos' = cos(pi t / 2) (FACM), 'none' = 1")
     A('--w2', type=float, default=1.0, help='w2(r, t), constant: weight of g_n2n in the N2N target')
     A('--p', type=float, default=0.5, help='adaptive weighting power (0.5: pseudo-Huber)')
     A('--c', type=float, default=1e-3, help='adaptive weighting constant')
@@ -395,6 +413,8 @@ def parse_args(argv=None):
     bad = [x for x in args.loss_set if x not in LOSS_NAMES]
     if bad or not args.loss_set:
         ap.error(f'--losses {args.losses}: unknown loss {bad} (choose from fm, cm, n2n)')
+    if args.warmup < 0:
+        ap.error(f'--warmup {args.warmup}: must be at least 0')
     for name in ('steps', 'batch', 'freq', 'segments', 'ckpt_every', 'keep', 'nan_patience', 'log_every'):
         if getattr(args, name) < 1:
             ap.error(f'--{name.replace("_", "-")} must be at least 1')
@@ -518,6 +538,8 @@ def train(args):
         lat, lat_flip, y = next(stream)
         data_pos += 1
         x = prepare_batch(lat, lat_flip, mean, std, dev)
+        for group in opt.param_groups:
+            group['lr'] = lr_at(step, args)
         log, ok = train_step(student, ema, teacher, opt, (x, y.to(dev)), step, args, world, autocast)
         step += 1
         nan_run = 0 if ok else nan_run + 1
