@@ -283,7 +283,8 @@ def decm_argv(a, teacher_ckpt, out, seed, steps):
     """train.py flags of a DE-CM run of the pipeline (and of the study's configurations)."""
     return ['--seed', str(seed), '--batch', str(a.decm_batch), '--teacher', teacher_ckpt, '--out', out,
             '--steps', str(steps), '--lr', str(a.decm_lr), '--w-cfg', str(a.w_cfg), '--eta', str(a.eta),
-            '--device', a.device, '--amp', a.amp, '--resume', 'auto', '--keep', '1'] + list(a.extra)
+            '--device', a.device, '--amp', a.amp, '--resume', 'auto', '--keep', '1'] + \
+        (['--data', a.data] if a.data else []) + list(a.extra)
 
 
 def train_teacher(a):
@@ -291,7 +292,7 @@ def train_teacher(a):
     if not a.skip_teacher:
         run_train(['--seed', str(a.teacher_seed), '--batch', str(a.batch), '--losses', 'fm', '--teacher', 'none',
                    '--out', teacher_dir, '--steps', str(a.teacher_steps), '--lr', str(a.teacher_lr),
-                   '--device', a.device, '--amp', a.amp, '--resume', 'auto'])
+                   '--device', a.device, '--amp', a.amp, '--resume', 'auto'] + (['--data', a.data] if a.data else []))
     ckpt = train.latest_checkpoint(teacher_dir)
     if ckpt is None:
         raise ValueError(f'--runs {a.runs}: no teacher in {teacher_dir} (drop --skip-teacher to train one)')
@@ -303,7 +304,7 @@ def teacher_fds(a, teacher_dir, seeds, dev, cache, cache_path, panels=None):
     teacher, stats, _ = sample.load_model(teacher_dir, dev)
     out = {}
     for seed in seeds:
-        real = real_pixels(a.n, seed=100 + seed)[0]
+        real = real_pixels(a.n, a.data, seed=100 + seed)[0]
         for name, guidance, w, steps in teacher_rows(a.w_cfg, a.eta, a.cfg_sweep):
             targs = type('A', (), dict(cfg=w, cfg_interval_start=0.0, shift=0.0, guidance=guidance, eta=a.eta))
             key = f'{name}|{steps}|{seed}|{a.n}'
@@ -348,7 +349,7 @@ def pipeline(a):
     decm_rows = [('DE-CM, CM sampler', 'cm', 1), ('DE-CM, CM sampler', 'cm', 2), ('DE-CM, CM sampler', 'cm', 4),
                  ('DE-CM, Mix sampler', 'mix', 4)]
     for seed in tqdm(a.seeds, desc='pipeline: DE-CM samplers', dynamic_ncols=True):
-        real2, real_y = real_pixels(2 * a.n, seed=100 + seed)
+        real2, real_y = real_pixels(2 * a.n, a.data, seed=100 + seed)
         real = real2[:a.n]
         fds.setdefault(('two sets of real data', '-'), []).append(
             fd_cached(cache, f'real|{seed}|{a.n}', lambda: pixel_fd(real2[a.n:].numpy(), real.numpy())))
@@ -443,7 +444,7 @@ def study_one(a, name, seed, teacher_ckpt, dev):
     out = os.path.join(a.runs, f'{name}-s{seed}')
     evals_path = os.path.join(out, 'evals.json')
     evals = load_json(evals_path)
-    real = real_pixels(a.n, seed=100 + seed)[0]
+    real = real_pixels(a.n, a.data, seed=100 + seed)[0]
     for step in a.eval_at:
         if str(step) in evals:
             continue
@@ -481,7 +482,7 @@ def study(a):
     unknown = [n for n in names if n not in dict((n, d) for n, d, _ in STUDY)]
     if unknown:
         raise ValueError(f'--configs: unknown {unknown} (choose from {[n for n, _, _ in STUDY]} or all)')
-    common = ['bench.py', 'study', '--runs', a.runs, '--skip-teacher', '--n', str(a.n), '--device', a.device,
+    common = ['bench.py', 'study', '--runs', a.runs, '--skip-teacher'] + (['--data', a.data] if a.data else []) + ['--n', str(a.n), '--device', a.device,
               '--amp', a.amp, '--eval-at', *map(str, a.eval_at), '--seeds', *map(str, a.seeds),
               '--decm-batch', str(a.decm_batch), '--decm-lr', str(a.decm_lr), '--w-cfg', str(a.w_cfg),
               '--eta', str(a.eta), '--cfg-sweep', *map(str, a.cfg_sweep)]
@@ -1096,6 +1097,8 @@ def main(argv=None):
     sub = ap.add_subparsers(dest='cmd', required=True)
     def common(p, runs):
         p.add_argument('--runs', default=runs, help='folder for the runs, their logs and the FD cache')
+        p.add_argument('--data', default=None, help='latents folder for training and for the real images '
+                       '(default: the built-in digits)')
         p.add_argument('--results', default=RESULTS, help='folder of the published results')
         p.add_argument('--device', default='auto', help='auto, cpu or cuda (training and sampling)')
         p.add_argument('--amp', default='off', choices=['auto', 'on', 'off'], help='bf16 autocast of the runs '

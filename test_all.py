@@ -1492,3 +1492,84 @@ def test_estimate_writes_the_paper_scale_figures(tmp_path):
     run_bench('estimate', '--preset', 'tiny', '--threads', '1', '--results', str(tmp_path))
     text = (tmp_path / 'estimate.md').read_text()
     assert 'PFLOP' in text and 'hours' in text and 'GB of activations per sample' in text
+
+
+# ---- honest baselines and the gap study (teacher on the distilled velocity, FACM-style CM target, lr schedule)
+def test_relaxed_cm_target_clips_and_weights_as_written():
+    m = random_dit()
+    x, v, y = batch()
+    t, one = torch.tensor([0.0, 0.36, 0.81], dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    F, dF = losses.model_jvp(m, x, t, one, y, (v, torch.ones_like(t), torch.zeros_like(t)), fused=False)
+    g, target = losses.cm_residual(F.detach(), dF, v, t, w1=1.0, w1_power=0.5, g_clip=0.05)
+    g0, target0 = losses.cm_residual(F.detach(), dF, v, t)          # the defaults are Alg. 1 as written
+    assert torch.equal(g, g0) and torch.equal(target0, F - g0)
+    assert (g.abs() > 0.05).any()                                    # the clip is exercised
+    w = torch.tensor([1.0, 0.4, 0.1], dtype=torch.float64)           # 1 - t^0.5 at t = 0, 0.36, 0.81
+    want = F - w.view(-1, 1, 1, 1) * g.clamp(-0.05, 0.05)
+    assert torch.allclose(target, want, atol=1e-12)
+    # the loss: with p = 0 it is the mean over samples of cos(pi t / 2) mean((w1(t) clip(g))^2)
+    with torch.no_grad():
+        loss, _ = losses.cm_loss(m, x, t, y, v, w1=1.0, p=0.0, c=0.0, fused=False, w1_power=0.5, g_clip=0.05,
+                                 time_weight='cos')
+    per = (w.view(-1, 1, 1, 1) * g.clamp(-0.05, 0.05)).pow(2).flatten(1).mean(1)
+    assert abs(loss.item() - (torch.cos(torch.pi / 2 * t) * per).mean().item()) < 1e-9
+
+
+def test_teacher_sampler_apg_follows_the_distilled_velocity():
+    teacher = random_dit(s_embed=False)
+    x, _, y = batch()
+    z = x.clone()
+    out = sample.teacher_sampler(teacher, z, y, 3, w_cfg=2.0, guidance='apg', eta=0.3)
+    want = z.clone()
+    ts = torch.linspace(0, 1, 4).tolist()                             # the sampler's grid
+    for t0, t1 in zip(ts[:-1], ts[1:]):                               # Euler on teacher.teacher_velocity
+        tt = torch.full((3,), float(t0), dtype=torch.float64)
+        want = want + (t1 - t0) * teacher_velocity(teacher, want, tt, y, w_cfg=2.0, eta=0.3, vnorm=True)
+    assert torch.allclose(out, want, atol=1e-12)
+    cfg = sample.teacher_sampler(teacher, z, y, 3, w_cfg=2.0, guidance='cfg')
+    assert (out - cfg).abs().max() > 1e-6                             # a different velocity, not plain CFG
+
+
+def test_lr_schedule_warmup_then_cosine_to_zero():
+    a = train.parse_args(['--lr', '1e-3', '--steps', '100', '--warmup', '10', '--lr-schedule', 'cosine'])
+    lrs = [train.lr_at(i, a) for i in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert lrs[10] == pytest.approx(1e-3) and lrs[55] == pytest.approx(5e-4) and lrs[99] < 1e-6
+    assert all(x >= y for x, y in zip(lrs[10:], lrs[11:]))
+    const = train.parse_args(['--lr', '2e-4'])
+    assert {train.lr_at(i, const) for i in range(50)} == {2e-4}
+
+
+def test_pipeline_and_study_report_baselines_seeds_and_ratios(tmp_path):
+    data = train.make_digits(str(tmp_path / 'd'), n=120, size=8)
+    runs = str(tmp_path / 'runs')
+    common = ['--runs', runs, '--teacher-steps', '3', '--batch', '16', '--decm-batch', '16', '--n', '20',
+              '--seeds', '0', '1', '--cfg-sweep', '1', '1.5', '--device', 'cpu']
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    p = subprocess.run([sys.executable, 'bench.py', 'pipeline', *common, '--decm-steps', '2', '--data', data],
+                       cwd=HERE, capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    md = open(os.path.join(runs, 'pipeline.md')).read()
+    for row in ['| teacher, distilled velocity (APG) | 50', '| teacher, plain CFG w = 1 | 50',
+                '| teacher, plain CFG w = 1.5 | 50', '| two sets of real data', '| DE-CM, CM sampler | 1',
+                '| DE-CM, Mix sampler | 4']:
+        line = [x for x in md.split('Ratios of DE-CM')[0].splitlines() if x.startswith(row + ' |')]
+        assert len(line) == 1, (row, md)
+        assert re.search(r'\d+\.\d\d \+- \d+\.\d\d \| \d+\.\d\d, \d+\.\d\d \|$', line[0]), line[0]   # 2 seeds
+    raw = json.load(open(os.path.join(runs, 'pipeline.json')))
+    fd = {(r['row'], r['nfe']): r['fd'] for r in raw['fd']}
+    apg, cfgs = fd['teacher, distilled velocity (APG)', 50], [fd[f'teacher, plain CFG w = {w}', 50] for w in ('1', '1.5')]
+    best = min([apg] + cfgs, key=lambda v: sum(v))
+    ratio = sum(a / b for a, b in zip(fd['DE-CM, CM sampler', 1], best)) / 2
+    assert f'DE-CM at 1 NFE is {ratio:.2f}x' in md                   # the headline is against the strongest
+    assert not os.path.exists(os.path.join(HERE, 'results', 'pipeline.json')) or \
+        json.load(open(os.path.join(HERE, 'results', 'pipeline.json')))['n'] != 20   # not published
+    p = subprocess.run([sys.executable, 'bench.py', 'study', *common, '--skip-teacher', '--configs', 'base', 'facm',
+                        '--eval-at', '1', '2', '--jobs', '2', '--results', str(tmp_path / 'res'),
+                        '--data', data], cwd=HERE, capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    md = (tmp_path / 'res' / 'study.md').read_text()
+    every = [x for x in md.splitlines() if re.match(r'\| (base|facm) \| [01] \| [12] \|', x)]
+    assert len(every) == 2 * 2 * 2                                    # every run at every step is listed
+    with Image.open(tmp_path / 'res' / 'study.png') as im:
+        im.verify()
