@@ -435,6 +435,11 @@ STUDY = [
     ('p1', 'adaptive weighting p = 1', ['--p', '1']),
     ('w2-0.5', 'w2 = 0.5', ['--w2', '0.5']),
     ('freq1', 'N2N every iteration', ['--freq', '1']),
+    ('b256-lr1e-3', 'batch 256, lr 1e-3', ['--batch', '256', '--lr', '1e-3']),
+    ('b256-lr2e-3', 'batch 256, lr 2e-3', ['--batch', '256', '--lr', '2e-3']),
+    ('b256-lr1e-3-facm', 'batch 256, lr 1e-3, facm', ['--batch', '256', '--lr', '1e-3', '--w1-power', '0.5',
+                                                      '--g-clip', '1', '--cm-weight', 'cos']),
+    ('b256-lr1e-3-ema0.999', 'batch 256, lr 1e-3, EMA 0.999', ['--batch', '256', '--lr', '1e-3', '--ema', '0.999']),
 ]
 
 
@@ -491,7 +496,7 @@ def study(a):
     jobs = [common + ['--one', 'teacher:0']]
     jobs += [common + ['--one', f'{n}:{s}'] for n in names for s in a.seeds]
     failed = run_parallel(jobs, a.jobs, os.path.join(a.runs, 'logs'),
-                          deadline=time.time() + a.stop_after + 60 if a.stop_after else None)
+                          deadline=time.time() + a.stop_after + 30 if a.stop_after else None)
     study_report(a, names, failed)
 
 
@@ -1134,7 +1139,7 @@ def main(argv=None):
     p.add_argument('--eval-at', type=int, nargs='+', default=[250, 500, 1000, 2000, 4000],
                    help='iterations at which the EMA weights are evaluated (the run stops at the last)')
     p.add_argument('--stop-after', type=float, default=0, help='seconds: stop starting chunks after this, '
-                   'stop the runs 60 s later and report what was reached (0: no limit)')
+                   'stop the runs 30 s later and report what was reached (0: no limit)')
     p.add_argument('--stop-at', type=float, default=0, help=argparse.SUPPRESS)
     p.add_argument('--one', default=None, help=argparse.SUPPRESS)
     p.add_argument('--report', action='store_true', help='only rewrite study.md/.png from the runs')
