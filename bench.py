@@ -950,6 +950,8 @@ def gpu(a):
     tick('matmul rate')
     teacher, student, ema, opt = gpu_setup(a, dev)
     info['params'] = count_params(student)
+    if dev.type == 'cuda':
+        info['device_memory'] = torch.cuda.get_device_properties(dev).total_memory
     info['state_bytes'] = torch.cuda.memory_allocated(dev) if dev.type == 'cuda' else None
     tick('models')
 
@@ -1039,6 +1041,7 @@ def gpu(a):
                  lambda sc: gpu_passes(sc, teacher, ema, opt, inp, args, autocast)['forward'], 1, 'forward'),
                 ('FM step, student compiled', 'student', lambda: torch.compile(student),
                  lambda sc: gpu_passes(sc, teacher, ema, opt, inp, args, autocast)['fm'], 1, 'fm')]
+        share = [0.45, 0.3, 0.5, 0.5, 1.0]                   # the teacher's compile first (train.py --compile)
         for i, (name, key, make, fn_of, per, fkey) in enumerate(jobs):
             def run(key=key, make=make, fn_of=fn_of, per=per, fkey=fkey):
                 first = compile_then(key, make, fn_of)()
@@ -1046,7 +1049,7 @@ def gpu(a):
                 if key == 'cm_step':                           # compiled and eager gradients must agree
                     out['grad_rel_err'] = grad_difference(student, passes['cm_fp32'], compiled[key])
                 return out
-            gpu_attempt(rows, name, run, dev, left() / (len(jobs) - i))   # an equal share of the time left
+            gpu_attempt(rows, name, run, dev, left() * share[i])   # its share of the time left
             opt.zero_grad(set_to_none=True)
             tick(name.split(',')[0])
             report()
@@ -1071,7 +1074,8 @@ def gpu_report(results, info, rows):
              f'{info["fp32_flops"] / 1e12:.3g} TFLOP/s (TF32 on CUDA).', '',
              f'Batch per GPU: {B}, the largest for which a DE-CM iteration with both updates (fp32 JVP) fits'
              f' (tried: {tried}).' if B is not None else 'Batch: not yet found.',
-             f'Training state (student, EMA, teacher, AdamW) on the device: {gib(info.get("state_bytes"))} GiB.', '',
+             f'Training state (student, EMA, teacher, AdamW) on the device: {gib(info.get("state_bytes"))} GiB '
+             f'of {gib(info.get("device_memory"))} GiB.', '',
              '| measurement | batch | ms per call | images/s | peak memory (GiB) | above the state before (GiB) '
              '| GFLOP | FLOP floor at the bf16 rate (ms) | time / floor | compile (s) |',
              '|---|---|---|---|---|---|---|---|---|---|']
