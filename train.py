@@ -40,6 +40,7 @@ from teacher import load_teacher, teacher_velocity, read_checkpoint
 
 BUILTIN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'digits16')
 LOSS_NAMES = ('fm', 'cm', 'n2n')
+JVP_DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16}
 
 
 # ----------------------------------------------------------------------------- built-in dataset
@@ -244,8 +245,9 @@ def train_step(student, ema, teacher, opt, batch, it, args, world, autocast, dra
         v_t = teacher_velocity(teacher, x_t, t, y, z, x_ref, **vel).to(x_ref.dtype)
     log, ok = {}, True
     loss = 0.0
+    jvp_dtype = JVP_DTYPES[args.jvp_dtype]
     if 'cm' in names:                                          # l.8-11
-        log['cm'], _ = losses.cm_loss(student, x_t, t, y, v_t, args.w1, args.p, args.c, args.fused,
+        log['cm'], _ = losses.cm_loss(student, x_t, t, y, v_t, args.w1, args.p, args.c, args.fused, jvp_dtype,
                                       args.w1_power, args.g_clip, args.cm_weight)
         loss = loss + log['cm']
     if 'fm' in names:                                          # l.13-14
@@ -267,7 +269,7 @@ def train_step(student, ema, teacher, opt, batch, it, args, world, autocast, dra
                 x_hat = x_r + losses.bcast(t - r, x_r) * F_n2n
                 return teacher_velocity(teacher, x_hat, t, y, **vel).to(x_ref.dtype)
         log['n2n'], _ = losses.n2n_loss(student, x_r, r, t, y, v_r, v_psi, args.lam, args.gam, args.w2,
-                                        args.p, args.c, args.fused)   # l.22-25
+                                        args.p, args.c, args.fused, jvp_dtype)   # l.22-25
         loss2 = log['n2n']
         if 'fm' in names:                                      # l.26-27
             with autocast:
@@ -396,6 +398,8 @@ def parse_args(argv=None):
     A('--class-drop', type=float, default=0.1, help='label dropout when training without a teacher')
     A('--no-fused', dest='fused', action='store_false',
       help='JVP under no_grad plus a separate forward (less memory, one more forward)')
+    A('--jvp-dtype', default='fp32', choices=list(JVP_DTYPES),
+      help='precision of the JVPs: fp32 (autocast off, TF32 on CUDA) or bf16 (under bf16 autocast)')
     A('--grad-clip', type=float, default=1.0, help='gradient-norm clipping (0: off)')
     A('--nan-patience', type=int, default=5, help='stop after this many non-finite updates in a row')
     A('--seed', type=int, default=0, help='random seed (rank r uses seed + r)')
