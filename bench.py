@@ -10,6 +10,9 @@
     python bench.py estimate   time and memory of the paper's run, from a measured CPU iteration of XL/1
     python bench.py speed      iteration and sampling times, peak memory, the DE-CM iteration against the
                                sum of the passes it cannot avoid -> results/speed.md
+    python bench.py gpu        XL/1 on the GPU: forward, FM, CM and N2N steps, the DE-CM iteration at the
+                               largest batch that fits, peak memory, images/s, FLOP floor, with and
+                               without torch.compile, fp32 and bf16 JVPs -> results/gpu.md, gpu.json
     python bench.py mix        the Mix sampler's switch: pixel FD over --mix-det x --mix-t at one NFE
 
 Pixel FD: the Frechet distance between 2,000 (tables: --n) generated and as many real 16x16 digits, as raw
@@ -43,14 +46,17 @@ memory is the extra memory at the peak of one iteration above the state before i
 AdamW state): CUDA max_memory_allocated, or on CPU the process's peak resident set (VmHWM, reset through
 /proc/self/clear_refs after malloc_trim), i.e. activations and temporaries as the OS sees them.
 """
+import argparse
 import copy
 import ctypes
 import gc
 import json
 import math
 import os
+import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import time
 
@@ -67,16 +73,17 @@ from teacher import resolve_checkpoint, teacher_velocity
 RESULTS = 'results'
 
 
-def real_pixels(n, data=None):
-    """n real images (a fixed random subset) and their labels."""
+def real_pixels(n, data=None, seed=1):
+    """n real images (a fixed random subset for each seed) and their labels."""
     ds = train.LatentFolder(data or train.BUILTIN_DIR)
-    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(1))[:n]
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n]
     return torch.stack([ds[i][0] for i in idx.tolist()]).float(), ds.labels[idx]
 
 
-def fd_of(model, stats, name, nfe, real, n, args=None, seed=0):
+def fd_of(model, stats, name, nfe, real, n, args=None, seed=0, device='cpu'):
     """Pixel FD of n samples from one sampler; also returns the samples (de-normalised) and labels."""
-    xs, ys, calls = sample.generate(model, name, n, nfe, model.num_classes, seed=seed, batch=500, args=args)
+    xs, ys, calls = sample.generate(model, name, n, nfe, model.num_classes, seed=seed, batch=500, args=args,
+                                    device=str(device), progress=False)
     x = torch.cat([xs[k] for k in sorted(xs)]) * stats['std'] + stats['mean']
     y = torch.cat([ys[k] for k in sorted(ys)])
     assert calls == nfe * len(xs), (calls, nfe)               # --nfe is exact
@@ -140,7 +147,7 @@ PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
            (0, 110, 90)]
 
 
-def line_plot(path, panels, size=(520, 400), legend_w=200):
+def line_plot(path, panels, size=(520, 400), legend_w=200, ylabel='pixel FD (log)'):
     """panels: [(title, x label, {series name: [(x, y), ...]})]. Log x and log y axes; one line and
     colour per series, a legend beside each panel. Non-finite or non-positive y are left out. Pillow only."""
     from PIL import Image, ImageDraw, ImageFont
@@ -180,7 +187,7 @@ def line_plot(path, panels, size=(520, 400), legend_w=200):
             d.text((X(x), y0 + 4), f'{x:g}', fill='black', font=font, anchor='mt')
         d.rectangle([x0, y1, x1, y0], outline='black')
         d.text(((x0 + x1) / 2, ph - 8), xlabel, fill='black', font=font, anchor='mb')
-        d.text((ox + 4, y1 - 30), 'pixel FD (log)', fill='black', font=font)
+        d.text((ox + 4, y1 - 30), ylabel, fill='black', font=font)
         for i, (name, s) in enumerate(series.items()):
             col = PALETTE[i % len(PALETTE)]
             good = [(X(x), Y(y)) for x, y in sorted(s) if math.isfinite(y) and y > 0]
@@ -196,57 +203,355 @@ def line_plot(path, panels, size=(520, 400), legend_w=200):
 
 
 # ----------------------------------------------------------------------------- pipeline
-def pipeline(a):
-    os.makedirs(a.results, exist_ok=True)
-    t0 = time.time()
-    runs = a.runs
-    teacher_dir, decm_dir = os.path.join(runs, 'teacher'), os.path.join(runs, 'decm')
-    base = ['--seed', str(a.seed)]
+def resolve_device(name):
+    return torch.device('cuda' if name == 'auto' and torch.cuda.is_available() else
+                        ('cpu' if name == 'auto' else name))
+
+
+def teacher_rows(w_cfg, eta, sweep):
+    """The teacher baselines: (row name, guidance, w, steps). The fair baseline of DE-CM is the teacher
+    on the very velocity it distils (APG, same w and eta); plain CFG is swept over `sweep`."""
+    rows = [('teacher, distilled velocity (APG)', 'apg', w_cfg, 1), ('teacher, distilled velocity (APG)', 'apg', w_cfg, 50)]
+    return rows + [(f'teacher, plain CFG w = {w:g}', 'cfg', w, 50) for w in sweep]
+
+
+def fd_cached(cache, key, fn):
+    """FD values survive an interrupted command: cache[key] is computed once, then saved by the caller."""
+    if key not in cache:
+        cache[key] = float(fn())
+    return cache[key]
+
+
+def load_json(path):
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return {}
+
+
+def mean_sd(values):
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return float('nan'), float('nan')
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else float('nan'))
+
+
+def pm(values, digits=2):
+    m, s = mean_sd(values)
+    return f'{m:.{digits}f} +- {s:.{digits}f}' if math.isfinite(s) else f'{m:.{digits}f}'
+
+
+def outside_noise(a_vals, b_vals):
+    """Is the difference of the two means larger than twice its standard error (Welch)?"""
+    (ma, sa), (mb, sb) = mean_sd(a_vals), mean_sd(b_vals)
+    if not (math.isfinite(sa) and math.isfinite(sb)):
+        return False
+    se = math.sqrt(sa ** 2 / len(a_vals) + sb ** 2 / len(b_vals))
+    return abs(ma - mb) > 2 * se
+
+
+def run_parallel(jobs, n_parallel, log_dir, deadline=None):
+    """Run [argv, ...] (python scripts of this folder) as subprocesses, n_parallel at a time, each with
+    one CPU thread (OMP's spinning threads would otherwise fight over the cores); logs in log_dir.
+    Past `deadline` (time.time()), running jobs are stopped with SIGTERM (train.py saves and exits)."""
+    os.makedirs(log_dir, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
+    here = os.path.dirname(os.path.abspath(__file__))
+    pending, running, failed = list(enumerate(jobs)), [], []
+    bar = tqdm(total=len(jobs), desc='jobs', dynamic_ncols=True)
+    while pending or running:
+        while pending and len(running) < n_parallel and not (deadline and time.time() > deadline):
+            i, argv = pending.pop(0)
+            log = open(os.path.join(log_dir, f'job{i:03d}.log'), 'w')
+            p = subprocess.Popen([sys.executable, os.path.join(here, argv[0])] + argv[1:], env=env,
+                                 stdout=log, stderr=subprocess.STDOUT, cwd=os.getcwd())
+            running.append((i, p, log))
+        if deadline and time.time() > deadline:
+            pending = []
+            for _, p, _ in running:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+        for i, p, log in list(running):
+            if p.poll() is not None:
+                log.close()
+                running.remove((i, p, log))
+                bar.update(1)
+                if p.returncode != 0:
+                    failed.append(i)
+        time.sleep(0.2)
+    bar.close()
+    return failed
+
+
+def decm_argv(a, teacher_ckpt, out, seed, steps):
+    """train.py flags of a DE-CM run of the pipeline (and of the study's configurations)."""
+    return ['--seed', str(seed), '--batch', str(a.decm_batch), '--teacher', teacher_ckpt, '--out', out,
+            '--steps', str(steps), '--lr', str(a.decm_lr), '--w-cfg', str(a.w_cfg), '--eta', str(a.eta),
+            '--device', a.device, '--amp', a.amp, '--resume', 'auto', '--keep', '1'] + \
+        (['--data', a.data] if a.data else []) + list(a.extra)
+
+
+def train_teacher(a):
+    teacher_dir = os.path.join(a.runs, 'teacher')
     if not a.skip_teacher:
-        run_train(base + ['--batch', str(a.batch), '--losses', 'fm', '--teacher', 'none', '--out', teacher_dir, '--steps',
-                           str(a.teacher_steps), '--lr', str(a.teacher_lr), '--resume', 'auto'])
+        run_train(['--seed', str(a.teacher_seed), '--batch', str(a.batch), '--losses', 'fm', '--teacher', 'none',
+                   '--out', teacher_dir, '--steps', str(a.teacher_steps), '--lr', str(a.teacher_lr),
+                   '--device', a.device, '--amp', a.amp, '--resume', 'auto'] + (['--data', a.data] if a.data else []))
+    ckpt = train.latest_checkpoint(teacher_dir)
+    if ckpt is None:
+        raise ValueError(f'--runs {a.runs}: no teacher in {teacher_dir} (drop --skip-teacher to train one)')
+    return teacher_dir, ckpt
+
+
+def teacher_fds(a, teacher_dir, seeds, dev, cache, cache_path, panels=None):
+    """FD of every teacher row for every sampling seed (cached)."""
+    teacher, stats, _ = sample.load_model(teacher_dir, dev)
+    out = {}
+    for seed in seeds:
+        real = real_pixels(a.n, a.data, seed=100 + seed)[0]
+        for name, guidance, w, steps in teacher_rows(a.w_cfg, a.eta, a.cfg_sweep):
+            targs = type('A', (), dict(cfg=w, cfg_interval_start=0.0, shift=0.0, guidance=guidance, eta=a.eta))
+            key = f'{name}|{steps}|{seed}|{a.n}'
+            need_grid = panels is not None and seed == seeds[0] and guidance == 'apg'
+            if key not in cache or need_grid:
+                fd, x, y = fd_of(teacher, stats, 'teacher', steps, real, a.n, targs, seed, dev)
+                cache[key] = float(fd)
+                if need_grid:
+                    panels.append((f'teacher {steps} step(s)', grid_rows(x, y)))
+                write_atomic(cache_path, json.dumps(cache, indent=1))
+            out[name, steps, seed] = cache[key]
+    return out
+
+
+def pipeline(a):
+    """digits -> teacher -> DE-CM (one run per seed) -> the teacher baselines and DE-CM samplers ->
+    FD table (mean +- sd over seeds) in RUNS/pipeline.md (results/ with --publish)."""
+    t0 = time.time()
+    dev = resolve_device(a.device)
+    os.makedirs(a.runs, exist_ok=True)
+    teacher_dir, teacher_ckpt = train_teacher(a)
     t1 = time.time()
-    teacher_ckpt = train.latest_checkpoint(teacher_dir)
-    run_train(base + ['--batch', str(a.decm_batch), '--teacher', teacher_ckpt, '--out', decm_dir, '--steps', str(a.decm_steps),
-                       '--lr', str(a.decm_lr), '--w-cfg', str(a.w_cfg), '--resume', 'auto'] + a.extra)
+    decm_dirs = {s: os.path.join(a.runs, f'decm-s{s}') for s in a.seeds}
+    jobs = [decm_argv(a, teacher_ckpt, decm_dirs[s], s, a.decm_steps) for s in a.seeds]
+    for argv in jobs:
+        check_run(argv[argv.index('--out') + 1], argv, a.decm_steps)
+    if a.jobs > 1:
+        failed = run_parallel([['train.py'] + argv for argv in jobs], a.jobs, os.path.join(a.runs, 'logs'))
+        if failed:
+            raise ValueError(f'{len(failed)} DE-CM run(s) failed: see {os.path.join(a.runs, "logs")}')
+    else:
+        for argv in jobs:
+            run_train(argv)
     t2 = time.time()
-    real2, real_y = real_pixels(2 * a.n)
-    real = real2[:a.n]
-    ref_fd = pixel_fd(real2[a.n:].numpy(), real.numpy())       # two sets of real data: the floor
-    teacher, stats, _ = sample.load_model(teacher_dir)
-    decm, stats_d, _ = sample.load_model(decm_dir)
-    targs = type('A', (), dict(cfg=a.w_cfg, cfg_interval_start=0.0, shift=0.0))
-    rows, panels = [], []
-    for nfe in [1, 2, 4, 50]:
-        fd, x, y = fd_of(teacher, stats, 'teacher', nfe, real, a.n, targs)
-        rows.append(('teacher Euler + CFG', nfe, fd))
-        if nfe in (1, 50):
-            panels.append((f'teacher {nfe} step(s)', grid_rows(x, y)))
-    for name in ['cm', 'mix', 'euler']:
-        for nfe in ([1, 2, 4] if name != 'euler' else [4, 16]):
-            if name == 'mix' and nfe == 1:
-                continue                                       # Mix at 1 NFE is the CM sampler
-            fd, x, y = fd_of(decm, stats_d, name, nfe, real, a.n)
-            rows.append((f'DE-CM {name}', nfe, fd))
-            if (name, nfe) in [('cm', 1), ('cm', 2), ('mix', 4)]:
-                panels.append((f'DE-CM {name} {nfe} NFE', grid_rows(x, y)))
+
+    cache_path = os.path.join(a.runs, 'fd.json')
+    cache = load_json(cache_path)
+    panels = []
+    fds = {}                                                   # (row, nfe) -> [fd per seed]
+    for k, v in teacher_fds(a, teacher_dir, a.seeds, dev, cache, cache_path, panels).items():
+        fds.setdefault(k[:2], []).append(v)
+    decm_rows = [('DE-CM, CM sampler', 'cm', 1), ('DE-CM, CM sampler', 'cm', 2), ('DE-CM, CM sampler', 'cm', 4),
+                 ('DE-CM, Mix sampler', 'mix', 4)]
+    for seed in tqdm(a.seeds, desc='pipeline: DE-CM samplers', dynamic_ncols=True):
+        real2, real_y = real_pixels(2 * a.n, a.data, seed=100 + seed)
+        real = real2[:a.n]
+        fds.setdefault(('two sets of real data', '-'), []).append(
+            fd_cached(cache, f'real|{seed}|{a.n}', lambda: pixel_fd(real2[a.n:].numpy(), real.numpy())))
+        decm, stats_d, _ = sample.load_model(decm_dirs[seed], dev)
+        for name, smp, nfe in decm_rows:
+            key = f'{decm_dirs[seed]}|{smp}|{nfe}|{seed}|{a.n}'
+            grid = seed == a.seeds[0] and (smp, nfe) in [('cm', 1), ('cm', 2), ('mix', 4)]
+            if key not in cache or grid:
+                fd, x, y = fd_of(decm, stats_d, smp, nfe, real, a.n, None, seed, dev)
+                cache[key] = float(fd)
+                if grid:
+                    panels.append((f'DE-CM {smp} {nfe} NFE', grid_rows(x, y)))
+                write_atomic(cache_path, json.dumps(cache, indent=1))
+            fds.setdefault((name, nfe), []).append(cache[key])
+        if seed == a.seeds[0]:
+            panels.insert(0, ('real data', grid_rows(real, real_y[:a.n])))
     t3 = time.time()
-    panels.insert(0, ('real data', grid_rows(real, real_y[:a.n])))
-    save_panels(os.path.join(a.results, 'pipeline.png'), panels)
-    fd_t50 = [fd for n_, k, fd in rows if n_.startswith('teacher') and k == 50][0]
-    fd_t1 = [fd for n_, k, fd in rows if n_.startswith('teacher') and k == 1][0]
-    fd_d1 = [fd for n_, k, fd in rows if n_ == 'DE-CM cm' and k == 1][0]
-    lines = ['| model / sampler | NFE | pixel FD |', '|---|---|---|']
-    lines += [f'| {n_} | {k} | {fd:.2f} |' for n_, k, fd in rows]
-    lines += [f'| two sets of real data | - | {ref_fd:.2f} |', '',
-              f'DE-CM 1-NFE FD / teacher 50-step FD = {fd_d1 / fd_t50:.2f} (bar: at most 1.5); '
-              f'teacher 1-step FD / DE-CM 1-NFE FD = {fd_t1 / fd_d1:.1f} (bar: at least 5).',
-              f'Time: teacher {t1 - t0:.0f} s ({a.teacher_steps} steps), DE-CM {t2 - t1:.0f} s '
-              f'({a.decm_steps} steps), sampling and FD {t3 - t2:.0f} s; total {t3 - t0:.0f} s '
-              f'on {torch.get_num_threads()} threads.',
-              f'Command: python bench.py pipeline {" ".join(sys.argv[2:])}']
-    write_atomic(os.path.join(a.results, 'pipeline.md'), '\n'.join(lines) + '\n')
+
+    apg50 = fds['teacher, distilled velocity (APG)', 50]
+    cfg_rows = [(w, fds[f'teacher, plain CFG w = {w:g}', 50]) for w in a.cfg_sweep]
+    best_w, best_cfg = min(cfg_rows, key=lambda r: mean_sd(r[1])[0])
+    base = [('the distilled-velocity teacher at 50 steps', apg50), (f'the best plain-CFG teacher at 50 steps '
+            f'(w = {best_w:g})', best_cfg)]
+    strongest_name, strongest = min(base, key=lambda b: mean_sd(b[1])[0])
+    lines = [f'# The miniature pipeline: {len(a.seeds)} seed(s) {a.seeds}, {a.n} samples per FD', '',
+             '| model / sampler | NFE | pixel FD (mean +- sd over seeds) | per seed |', '|---|---|---|---|']
+    for (name, nfe), vals in fds.items():
+        lines.append(f'| {name} | {nfe} | {pm(vals)} | {", ".join(f"{v:.2f}" for v in vals)} |')
+    lines += ['', f'Ratios of DE-CM to each baseline (mean of the per-seed ratios +- sd; the strongest '
+              f'baseline is {strongest_name}, {pm(strongest)}):', '',
+              '| DE-CM sampler | NFE | / distilled-velocity teacher, 50 steps | / best plain CFG, 50 steps | '
+              'differs from the strongest beyond noise? |', '|---|---|---|---|---|']
+    ratios = {}
+    for name, smp, nfe in decm_rows:
+        vals = fds[name, nfe]
+        r_apg = [v / b for v, b in zip(vals, apg50)]
+        r_cfg = [v / b for v, b in zip(vals, best_cfg)]
+        ratios[smp, nfe] = [v / b for v, b in zip(vals, strongest)]
+        beyond = outside_noise(vals, strongest)
+        lines.append(f'| {name} | {nfe} | {pm(r_apg)} | {pm(r_cfg)} | '
+                     f'{("yes: " + ("worse" if mean_sd(vals)[0] > mean_sd(strongest)[0] else "better")) if beyond else "no"} |')
+    r1 = mean_sd(ratios['cm', 1])[0]
+    lines += ['', f'Headline: DE-CM at 1 NFE is {r1:.2f}x the FD of the strongest teacher baseline '
+              f'({strongest_name}). "Beyond noise": the difference of the means is more than twice its standard '
+              f'error over the {len(a.seeds)} seeds; the floor (two sets of real data) is '
+              f'{pm(fds["two sets of real data", "-"])}.',
+              f'Settings: teacher {a.teacher_steps} flow-matching iterations (batch {a.batch}, lr {a.teacher_lr:g}, '
+              f'seed {a.teacher_seed}); DE-CM {a.decm_steps} iterations per seed (batch {a.decm_batch}, lr '
+              f'{a.decm_lr:g}, w_cfg {a.w_cfg:g}, eta {a.eta:g}{", " + " ".join(a.extra) if a.extra else ""}); '
+              f'seed s trains DE-CM with seed s and samples every row with noise seed s against real subset s.',
+              f'Time: teacher {t1 - t0:.0f} s, DE-CM {t2 - t1:.0f} s ({a.jobs} at a time), sampling and FD '
+              f'{t3 - t2:.0f} s; total {t3 - t0:.0f} s on {dev} ({torch.get_num_threads()} threads).',
+              f'Command: python bench.py {a.command}']
+    write_atomic(os.path.join(a.runs, 'pipeline.md'), '\n'.join(lines) + '\n')
+    write_atomic(os.path.join(a.runs, 'pipeline.json'), json.dumps(
+        {'fd': [{'row': n, 'nfe': k, 'fd': v} for (n, k), v in fds.items()], 'seeds': a.seeds, 'n': a.n,
+         'strongest': strongest_name, 'ratio_cm1': r1}, indent=1) + '\n')
+    save_panels(os.path.join(a.runs, 'pipeline.png'), panels)
+    if a.publish:
+        os.makedirs(a.results, exist_ok=True)
+        for f in ('pipeline.md', 'pipeline.json', 'pipeline.png'):
+            shutil.copyfile(os.path.join(a.runs, f), os.path.join(a.results, f))
     print('\n'.join(lines))
+
+
+# ----------------------------------------------------------------------------- study
+# What closes the gap to the teacher: each configuration is the pipeline's DE-CM run plus these flags.
+STUDY = [
+    ('base', 'the pipeline before the study (lr 3e-4, batch 64, constant w1)', []),
+    ('lr1e-3', 'higher learning rate', ['--lr', '1e-3']),
+    ('lr1e-3-cosine', 'lr 1e-3, warm-up 100, cosine decay to 0', ['--lr', '1e-3', '--lr-schedule', 'cosine', '--warmup', '100']),
+    ('facm', "FACM's CM target: w1(t) = 1 - t^0.5, g clipped to [-1, 1], loss weight cos(pi t / 2)",
+     ['--w1-power', '0.5', '--g-clip', '1', '--cm-weight', 'cos']),
+    ('facm-lr1e-3', 'facm and lr 1e-3', ['--w1-power', '0.5', '--g-clip', '1', '--cm-weight', 'cos', '--lr', '1e-3']),
+    ('w1-relax', 'w1(t) = 1 - t^0.5 alone', ['--w1-power', '0.5']),
+    ('g-clip', 'g clipped to [-1, 1] alone', ['--g-clip', '1']),
+    ('cm-cos', 'CM loss weight cos(pi t / 2) alone', ['--cm-weight', 'cos']),
+    ('ema0.999', 'EMA 0.999', ['--ema', '0.999']),
+    ('ema0.98', 'EMA 0.98', ['--ema', '0.98']),
+    ('batch128', 'batch 128', ['--batch', '128']),
+    ('seg16', 'N = 16 segments', ['--segments', '16']),
+    ('rmax0.2', 'r_max 0.2', ['--r-max', '0.2']),
+    ('p1', 'adaptive weighting p = 1', ['--p', '1']),
+    ('w2-0.5', 'w2 = 0.5', ['--w2', '0.5']),
+    ('freq1', 'N2N every iteration', ['--freq', '1']),
+    ('b256-lr1e-3', 'batch 256, lr 1e-3', ['--batch', '256', '--lr', '1e-3']),
+    ('b256-lr2e-3', 'batch 256, lr 2e-3', ['--batch', '256', '--lr', '2e-3']),
+    ('b256-lr1e-3-facm', 'batch 256, lr 1e-3, facm', ['--batch', '256', '--lr', '1e-3', '--w1-power', '0.5',
+                                                      '--g-clip', '1', '--cm-weight', 'cos']),
+    ('b256-lr1e-3-ema0.999', 'batch 256, lr 1e-3, EMA 0.999', ['--batch', '256', '--lr', '1e-3', '--ema', '0.999']),
+]
+
+
+def study_one(a, name, seed, teacher_ckpt, dev):
+    """One (configuration, seed): train in chunks up to each evaluation step, evaluate the EMA weights."""
+    flags = dict((n, f) for n, _, f in STUDY)[name]
+    out = os.path.join(a.runs, f'{name}-s{seed}')
+    evals_path = os.path.join(out, 'evals.json')
+    evals = load_json(evals_path)
+    real = real_pixels(a.n, a.data, seed=100 + seed)[0]
+    for step in a.eval_at:
+        if str(step) in evals:
+            continue
+        if a.stop_at and time.time() > a.stop_at:
+            break
+        a2 = copy.copy(a)
+        a2.extra = list(a.extra) + flags
+        run_train(decm_argv(a2, teacher_ckpt, out, seed, step))
+        if train.latest_checkpoint(out) is None:
+            break
+        ckpt = train.load_student_checkpoint(train.latest_checkpoint(out))
+        if ckpt['step'] < step:                                # stopped early (SIGTERM)
+            break
+        model, stats, _ = sample.load_model(out, dev)
+        evals[str(step)] = {f'{smp}{nfe}': float(fd_of(model, stats, smp, nfe, real, a.n, None, seed, dev)[0])
+                            for smp, nfe in (('cm', 1), ('cm', 2), ('mix', 4))}
+        os.makedirs(out, exist_ok=True)
+        write_atomic(evals_path, json.dumps(evals, indent=1))
+
+
+def study(a):
+    """Every configuration of STUDY x every seed, evaluated at each of --eval-at; results/study.md + .png."""
+    dev = resolve_device(a.device)
+    os.makedirs(a.runs, exist_ok=True)
+    teacher_dir, teacher_ckpt = train_teacher(a)
+    if a.one:                                                  # one job of the pool below
+        name, seed = a.one.rsplit(':', 1)
+        if name == 'teacher':
+            cache_path = os.path.join(a.runs, 'teacher_fd.json')
+            teacher_fds(a, teacher_dir, a.seeds, dev, load_json(cache_path), cache_path)
+        else:
+            study_one(a, name, int(seed), teacher_ckpt, dev)
+        return
+    names = [n for n, _, _ in STUDY] if a.configs == ['all'] else a.configs
+    unknown = [n for n in names if n not in dict((n, d) for n, d, _ in STUDY)]
+    if unknown:
+        raise ValueError(f'--configs: unknown {unknown} (choose from {[n for n, _, _ in STUDY]} or all)')
+    common = ['bench.py', 'study', '--runs', a.runs, '--skip-teacher'] + (['--data', a.data] if a.data else []) + ['--n', str(a.n), '--device', a.device,
+              '--amp', a.amp, '--eval-at', *map(str, a.eval_at), '--seeds', *map(str, a.seeds),
+              '--decm-batch', str(a.decm_batch), '--decm-lr', str(a.decm_lr), '--w-cfg', str(a.w_cfg),
+              '--eta', str(a.eta), '--cfg-sweep', *map(str, a.cfg_sweep)]
+    if a.stop_after:
+        common += ['--stop-at', str(time.time() + a.stop_after)]
+    jobs = [common + ['--one', 'teacher:0']]
+    jobs += [common + ['--one', f'{n}:{s}'] for n in names for s in a.seeds]
+    failed = run_parallel(jobs, a.jobs, os.path.join(a.runs, 'logs'),
+                          deadline=time.time() + a.stop_after + 30 if a.stop_after else None)
+    study_report(a, names, failed)
+
+
+def study_report(a, names, failed=()):
+    tfd = load_json(os.path.join(a.runs, 'teacher_fd.json'))
+    ref = {s: tfd.get(f'teacher, distilled velocity (APG)|50|{s}|{a.n}') for s in a.seeds}
+    cfg = {w: [tfd.get(f'teacher, plain CFG w = {w:g}|50|{s}|{a.n}') for s in a.seeds] for w in a.cfg_sweep}
+    desc = dict((n, (d, f)) for n, d, f in STUDY)
+    lines = ['# What closes the gap: the study', '',
+             f'Each configuration is the pipeline\'s DE-CM run (batch {a.decm_batch}, lr {a.decm_lr:g}, w_cfg '
+             f'{a.w_cfg:g}, eta {a.eta:g}, the pipeline\'s teacher) plus its flags, trained with seeds {a.seeds}; '
+             f'the EMA weights are evaluated at {a.eval_at} iterations with {a.n} samples per FD (sampling seed = '
+             f'training seed, real subset = seed). Ratio = DE-CM FD / the FD of the teacher at 50 steps on the '
+             f'distilled velocity (APG) with the same seed: {pm(list(ref.values()))}.',
+             'Plain CFG teacher at 50 steps: ' + '; '.join(f'w = {w:g}: {pm(v)}' for w, v in cfg.items()) + '.', '',
+             '## Summary (mean +- sd over seeds of the ratio, at the last step every seed reached)', '',
+             '| configuration | flags | step | CM 1 NFE | CM 2 NFE | Mix 4 NFE |', '|---|---|---|---|---|---|']
+    curves = {k: {} for k in ('cm1', 'cm2', 'mix4')}
+    every = ['', '## Every run', '', '| configuration | seed | step | FD CM 1 | FD CM 2 | FD Mix 4 | ratio CM 1 | '
+             'ratio CM 2 | ratio Mix 4 |', '|---|---|---|---|---|---|---|---|---|']
+    summary = []
+    for n in names:
+        ev = {s: load_json(os.path.join(a.runs, f'{n}-s{s}', 'evals.json')) for s in a.seeds}
+        steps = [st for st in a.eval_at if all(str(st) in ev[s] for s in a.seeds) and all(ref[s] for s in a.seeds)]
+        for s in a.seeds:
+            for st in a.eval_at:
+                e = ev[s].get(str(st))
+                if e and ref[s]:
+                    every.append(f'| {n} | {s} | {st} | {e["cm1"]:.2f} | {e["cm2"]:.2f} | {e["mix4"]:.2f} | '
+                                 f'{e["cm1"] / ref[s]:.3f} | {e["cm2"] / ref[s]:.3f} | {e["mix4"] / ref[s]:.3f} |')
+        for k in curves:
+            curves[k][n] = [(st, mean_sd([ev[s][str(st)][k] / ref[s] for s in a.seeds])[0]) for st in steps]
+        if steps:
+            st = steps[-1]
+            r = {k: [ev[s][str(st)][k] / ref[s] for s in a.seeds] for k in curves}
+            summary.append((mean_sd(r['cm1'])[0], f'| {n} | {" ".join(desc[n][1]) or "-"} | {st} | {pm(r["cm1"], 3)} | '
+                            f'{pm(r["cm2"], 3)} | {pm(r["mix4"], 3)} |'))
+        else:
+            summary.append((float('inf'), f'| {n} | {" ".join(desc[n][1]) or "-"} | not reached | | | |'))
+    lines += [row for _, row in sorted(summary, key=lambda r: r[0])]
+    lines += ['', 'Configurations: ' + '; '.join(f'**{n}**: {desc[n][0]}' for n in names) + '.']
+    if failed:
+        lines += ['', f'{len(failed)} job(s) failed or were stopped (see {os.path.join(a.runs, "logs")}).']
+    lines += every + ['', f'Command: python bench.py {a.command}']
+    os.makedirs(a.results, exist_ok=True)
+    write_atomic(os.path.join(a.results, 'study.md'), '\n'.join(lines) + '\n')
+    line_plot(os.path.join(a.results, 'study.png'),
+              [(f'DE-CM {lab} / teacher 50 steps (APG), mean over seeds', 'training iterations', curves[k])
+               for k, lab in (('cm1', 'CM 1 NFE'), ('cm2', 'CM 2 NFE'), ('mix4', 'Mix 4 NFE'))],
+              ylabel='FD ratio (log)')
+    print('\n'.join(lines[:len(lines) - len(every)]))
 
 
 # ----------------------------------------------------------------------------- tables (Table 3 and 4)
@@ -754,6 +1059,384 @@ def speed(a):
     print('\n'.join(lines))
 
 
+# ----------------------------------------------------------------------------- gpu
+class OverBudget(Exception):
+    """A measurement stopped by the time limit (`bench.py gpu --budget`)."""
+
+
+def time_limited(seconds, fn):
+    """fn() stopped by SIGALRM after `seconds` (raises OverBudget); runs fn() as is off the main thread."""
+    if seconds <= 0:
+        raise OverBudget('no time left in --budget')
+    if not hasattr(signal, 'setitimer') or signal.getsignal(signal.SIGALRM) is None:
+        return fn()
+
+    def stop(signum, frame):
+        raise OverBudget(f'stopped after {seconds:.0f} s (time left in --budget)')
+    try:
+        old = signal.signal(signal.SIGALRM, stop)
+    except ValueError:                                         # not the main thread
+        return fn()
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        return fn()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def free_memory(dev):
+    gc.collect()
+    if dev.type == 'cuda':
+        torch.cuda.empty_cache()
+
+
+def gpu_attempt(rows, name, fn, dev, seconds):
+    """Appends {name, **fn()} to rows, or {name, error} when fn raises (out of memory, a compile error,
+    the time limit): one failing measurement is a row of the table, not the end of the run."""
+    t0 = time.perf_counter()
+    try:
+        row = dict(name=name, **time_limited(seconds, fn))
+    except Exception as e:                                     # noqa: BLE001 -- recorded, not hidden
+        msg = ' '.join(str(e).split())
+        row = dict(name=name, error=f'{type(e).__name__}: {msg[:240]}')
+    row['wall_s'] = time.perf_counter() - t0
+    rows.append(row)
+    free_memory(dev)
+    return row
+
+
+def matmul_rate(dtype, dev, n, repeats=10):
+    """Measured FLOP/s of an n x n x n matmul in dtype (TF32 for float32 on CUDA, as train.py sets)."""
+    a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
+    sec = timed(lambda: a @ b, repeats, dev, warmup=2)
+    return 2 * n ** 3 / sec
+
+
+def count_flops(fn):
+    """Matmul, convolution and attention FLOPs of one call of fn (torch's FlopCounterMode)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return fc.get_total_flops()
+
+
+def peak_memory(fn, dev):
+    """(peak allocated bytes during fn, its excess over the bytes allocated before); CUDA only."""
+    if dev.type != 'cuda':
+        return None, None
+    torch.cuda.synchronize(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    before = torch.cuda.memory_allocated(dev)
+    fn()
+    torch.cuda.synchronize(dev)
+    peak = torch.cuda.max_memory_allocated(dev)
+    return peak, peak - before
+
+
+def gpu_setup(a, dev):
+    """XL/1 (or --preset) with random weights in the release layout: a frozen teacher (32x16x16 latents,
+    1000 classes), its student, an EMA copy and AdamW as train.py builds them (fused on CUDA)."""
+    torch.manual_seed(a.seed)
+    with torch.device(dev):
+        teacher = DiT(a.preset, in_channels=32, input_size=16, num_classes=1000, s_embed=False).to(dev)
+        with torch.no_grad():                                  # non-zero adaLN: realistic work everywhere
+            for p in teacher.parameters():
+                p.add_(1e-3 * torch.randn_like(p))
+        teacher.eval().requires_grad_(False)
+        student = student_from_teacher(teacher).train()
+        ema = copy.deepcopy(student).requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95),
+                            fused=dev.type == 'cuda')
+    return teacher, student, ema, opt
+
+
+def gpu_inputs(B, dev, args):
+    """One batch and the tensors of the separate passes: x_t, t, the teacher velocity stand-in, x_r, r."""
+    g = torch.Generator(device=dev).manual_seed(B)
+    x_ref = torch.randn(B, 32, 16, 16, device=dev, generator=g)
+    z = torch.randn(B, 32, 16, 16, device=dev, generator=g)
+    y = torch.randint(0, 1000, (B,), device=dev, generator=g)
+    t = torch.rand(B, device=dev, generator=g)
+    r = torch.minimum(torch.rand(B, device=dev, generator=g) * args.r_max, t)
+    x_t = (1 - losses.bcast(t, z)) * z + losses.bcast(t, z) * x_ref
+    x_r = (1 - losses.bcast(r, z)) * z + losses.bcast(r, z) * x_ref
+    return dict(B=B, x_ref=x_ref, y=y, t=t, r=r, x_t=x_t, x_r=x_r, v=x_ref - z)
+
+
+def gpu_passes(student, teacher, ema, opt, inp, args, autocast):
+    """The measured passes at one batch: name -> fn. The step passes end with their backward."""
+    x_t, x_r, t, r, y, v = inp['x_t'], inp['x_r'], inp['t'], inp['r'], inp['y'], inp['v']
+    one = torch.ones_like(t)
+    state = {'it': 0, 'skipped': 0}
+
+    def forward():
+        with torch.no_grad(), autocast:
+            student(x_t, t, one, y)
+
+    def teacher_pass():                                        # Alg.1 l.5: cond + uncond, batched 2B
+        with torch.no_grad(), autocast:
+            teacher_velocity(teacher, x_t, t, y, w_cfg=args.w_cfg, eta=args.eta, vnorm=args.vnorm)
+
+    def fm_step():                                             # Alg.1 l.13-14 + backward
+        student.zero_grad(set_to_none=True)
+        with autocast:
+            loss = losses.fm_loss(student, x_t, t, y, v, args.p, args.c)
+        loss.backward()
+
+    def cm_step(dtype):                                        # Alg.1 l.8-11 + backward (fused JVP)
+        student.zero_grad(set_to_none=True)
+        loss, _ = losses.cm_loss(student, x_t, t, y, v, args.w1, args.p, args.c, True, dtype)
+        loss.backward()
+
+    def n2n_step(dtype):                                       # Alg.1 l.22-25 + backward (fused JVP)
+        student.zero_grad(set_to_none=True)
+        loss, _ = losses.n2n_loss(student, x_r, r, t, y, v, v, args.lam, args.gam, args.w2, args.p, args.c,
+                                  True, dtype)
+        loss.backward()
+
+    def iterations(jvp_dtype, model_teacher=None):             # train.train_step, freq consecutive iterations
+        run_args = copy.copy(args)
+        run_args.jvp_dtype = jvp_dtype
+
+        def fn():
+            for _ in range(args.freq):
+                state['it'] += 1
+                _, ok = train.train_step(student, ema, teacher if model_teacher is None else model_teacher, opt, (inp['x_ref'], y),
+                                         state['it'], run_args, 1, autocast)
+                state['skipped'] += not ok
+        return fn
+    return dict(forward=forward, teacher=teacher_pass, fm=fm_step,
+                cm_fp32=lambda: cm_step(torch.float32), cm_bf16=lambda: cm_step(torch.bfloat16),
+                n2n_fp32=lambda: n2n_step(torch.float32), n2n_bf16=lambda: n2n_step(torch.bfloat16),
+                iterations=iterations, state=state)
+
+
+def grad_difference(model, eager_fn, compiled_fn):
+    """|g_compiled - g_eager| / |g_eager| over all parameters, each fn leaving its gradients in .grad."""
+    flat = lambda: torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None])
+    eager_fn()
+    g = flat()
+    compiled_fn()
+    err = ((flat() - g).norm() / g.norm()).item()
+    model.zero_grad(set_to_none=True)
+    return err
+
+
+def largest_batch(fits, cap, deadline):
+    """The largest B <= cap with fits(B): doubling from 1, then bisection. Returns (B, tried {B: ok})."""
+    tried = {}
+
+    def ok(B):
+        if time.perf_counter() > deadline:
+            raise OverBudget(f'batch search out of time at batch {B}')
+        tried[B] = fits(B)
+        return tried[B]
+    if not ok(1):
+        return 0, tried
+    lo = 1
+    while lo * 2 <= cap and ok(lo * 2):
+        lo *= 2
+    hi = min(lo * 2, cap + 1)                                  # hi does not fit (or is over the cap)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo, tried
+
+
+def gpu(a):
+    """bench.py gpu: the XL/1 passes on the GPU (see gpu_report for the table)."""
+    t_start = time.perf_counter()
+    dev = torch.device('cuda' if a.device == 'auto' and torch.cuda.is_available() else
+                       ('cpu' if a.device == 'auto' else a.device))
+    if dev.type == 'cuda' and not torch.cuda.is_available():
+        raise ValueError('--device cuda: no CUDA device is visible (give --device cpu for a dry run)')
+    if a.budget <= 0 or a.repeats < 1 or a.max_batch < 1 or a.batch < 0:
+        raise ValueError('--budget, --repeats and --max-batch must be positive, --batch at least 0')
+    if a.preset not in train.PRESETS:
+        raise ValueError(f'--preset {a.preset}: unknown (choose from {", ".join(train.PRESETS)})')
+    deadline = t_start + a.budget
+    if 'PYTORCH_CUDA_ALLOC_CONF' not in os.environ and 'PYTORCH_ALLOC_CONF' not in os.environ:
+        os.environ['PYTORCH_CUDA_ALLOC_CONF'] = 'expandable_segments:True'   # less fragmentation after an OOM
+    left = lambda reserve=0.0: deadline - time.perf_counter() - reserve
+    if dev.type == 'cuda':                                     # as train.py
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    os.makedirs(a.results, exist_ok=True)
+    args = train.parse_args(['--teacher', 'given', '--freq', str(a.freq)])
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == 'cuda' or a.amp)
+    info = dict(device=torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'CPU ({torch.get_num_threads()} threads)',
+                torch=torch.__version__, preset=a.preset, freq=a.freq, repeats=a.repeats, budget_s=a.budget,
+                command='python bench.py ' + a.command)
+    rows = []
+    report = lambda: gpu_report(a.results, info, rows)
+    bar = tqdm(total=16, desc='gpu', dynamic_ncols=True)
+    tick = lambda name: (bar.set_description(f'gpu: {name}'), bar.update(1))
+
+    n = 8192 if dev.type == 'cuda' else 256
+    info['bf16_flops'] = matmul_rate(torch.bfloat16, dev, n)
+    info['fp32_flops'] = matmul_rate(torch.float32, dev, n)
+    info['matmul_n'] = n
+    tick('matmul rate')
+    teacher, student, ema, opt = gpu_setup(a, dev)
+    info['params'] = count_params(student)
+    if dev.type == 'cuda':
+        info['device_memory'] = torch.cuda.get_device_properties(dev).total_memory
+    info['state_bytes'] = torch.cuda.memory_allocated(dev) if dev.type == 'cuda' else None
+    tick('models')
+
+    # 1. the largest batch for which a DE-CM iteration with both updates (N2N at this step) fits
+    def fits(B):
+        inp = gpu_inputs(B, dev, args)
+        try:
+            train.train_step(student, ema, teacher, opt, (inp['x_ref'], inp['y']), 0, args, 1, autocast)
+            if dev.type == 'cuda':
+                torch.cuda.synchronize(dev)
+            return True
+        except torch.cuda.OutOfMemoryError:
+            return False
+        finally:
+            del inp
+            opt.zero_grad(set_to_none=True)
+            free_memory(dev)
+    if a.batch:
+        B, tried = a.batch, {}
+    else:
+        B, tried = time_limited(left(0.5 * a.budget), lambda: largest_batch(fits, a.max_batch, deadline - 0.5 * a.budget))
+    info['batch'], info['batch_search'] = B, {str(k): v for k, v in tried.items()}
+    tick(f'batch {B}')
+    if B == 0:
+        raise ValueError(f'one sample does not fit on {info["device"]}')
+    report()
+
+    # 2. FLOPs of each pass at batch 1 (scaled by B; eager), then the passes at batch B
+    inp1 = gpu_inputs(1, dev, args)
+    p1 = gpu_passes(student, teacher, ema, opt, inp1, args, autocast)
+    flops = {k: count_flops(fn) for k, fn in p1.items() if k not in ('iterations', 'state')}
+    flops['iteration'] = count_flops(p1['iterations']('fp32')) / args.freq
+    opt.zero_grad(set_to_none=True)
+    del inp1, p1
+    tick('FLOPs')
+    inp = gpu_inputs(B, dev, args)
+    passes = gpu_passes(student, teacher, ema, opt, inp, args, autocast)
+
+    def measure(fn, per=1, flop_key=None):
+        def run():
+            sec = timed(fn, a.repeats, dev) / per
+            peak, extra = peak_memory(fn, dev)
+            out = dict(batch=B, sec=sec, images_s=B / sec, peak=peak, extra=extra)
+            if flop_key:
+                out['flops'] = flops[flop_key] * B
+                out['floor'] = out['flops'] / info['bf16_flops']
+            return out
+        return run
+    eager = [('one forward pass (no grad, bf16 autocast)', passes['forward'], 1, 'forward'),
+             ('teacher cond + uncond pass (2B, no grad, bf16)', passes['teacher'], 1, 'teacher'),
+             ('FM step: forward + backward (bf16 autocast)', passes['fm'], 1, 'fm'),
+             ('CM step: fused JVP + backward, fp32 JVP (TF32)', passes['cm_fp32'], 1, 'cm_fp32'),
+             ('CM step: fused JVP + backward, bf16 JVP', passes['cm_bf16'], 1, 'cm_fp32'),
+             ('N2N step: fused JVP + backward, fp32 JVP (TF32)', passes['n2n_fp32'], 1, 'n2n_fp32'),
+             ('N2N step: fused JVP + backward, bf16 JVP', passes['n2n_bf16'], 1, 'n2n_fp32'),
+             (f'DE-CM iteration, freq {a.freq} average, fp32 JVP', passes['iterations']('fp32'), a.freq, 'iteration'),
+             (f'DE-CM iteration, freq {a.freq} average, bf16 JVP', passes['iterations']('bf16'), a.freq, 'iteration')]
+    for name, fn, per, key in eager:
+        gpu_attempt(rows, name, measure(fn, per, key), dev, left(0.4 * a.budget if a.compile else 0))
+        opt.zero_grad(set_to_none=True)
+        tick(name.split(':')[0])
+        report()
+
+    # 3. with torch.compile: the teacher as train.py --compile does, and the student's forward and FM step
+    if a.compile:
+        compiled = {}
+
+        def compile_then(key, make, fn_of):
+            def run():
+                if key not in compiled:
+                    compiled[key] = make()
+                fn = fn_of(compiled[key])
+                t0 = time.perf_counter()
+                fn()                                           # the first call compiles
+                if dev.type == 'cuda':
+                    torch.cuda.synchronize(dev)
+                return dict(compile_s=time.perf_counter() - t0)
+            return run
+        it = passes['iterations']
+        jobs = [(f'DE-CM iteration, freq {a.freq} average, fp32 JVP, teacher compiled (train.py --compile)',
+                 'teacher', lambda: torch.compile(teacher), lambda tc: it('fp32', tc), a.freq, 'iteration'),
+                (f'DE-CM iteration, freq {a.freq} average, bf16 JVP, teacher compiled (train.py --compile)',
+                 'teacher', lambda: torch.compile(teacher), lambda tc: it('bf16', tc), a.freq, 'iteration'),
+                ('CM step, fp32 JVP, the whole step compiled (torch.compile of cm_loss + backward)', 'cm_step',
+                 lambda: torch.compile(passes['cm_fp32']), lambda f: f, 1, 'cm_fp32'),
+                ('one forward pass, student compiled', 'student', lambda: torch.compile(student),
+                 lambda sc: gpu_passes(sc, teacher, ema, opt, inp, args, autocast)['forward'], 1, 'forward'),
+                ('FM step, student compiled', 'student', lambda: torch.compile(student),
+                 lambda sc: gpu_passes(sc, teacher, ema, opt, inp, args, autocast)['fm'], 1, 'fm')]
+        share = [0.45, 0.3, 0.5, 0.5, 1.0]                   # the teacher's compile first (train.py --compile)
+        for i, (name, key, make, fn_of, per, fkey) in enumerate(jobs):
+            def run(key=key, make=make, fn_of=fn_of, per=per, fkey=fkey):
+                first = compile_then(key, make, fn_of)()
+                out = dict(measure(fn_of(compiled[key]), per, fkey)(), **first)
+                if key == 'cm_step':                           # compiled and eager gradients must agree
+                    out['grad_rel_err'] = grad_difference(student, passes['cm_fp32'], compiled[key])
+                return out
+            gpu_attempt(rows, name, run, dev, left() * share[i])   # its share of the time left
+            opt.zero_grad(set_to_none=True)
+            tick(name.split(',')[0])
+            report()
+    info['skipped_updates'] = passes['state']['skipped']
+    info['total_s'] = time.perf_counter() - t_start
+    bar.close()
+    print(report())
+
+
+def gpu_report(results, info, rows):
+    """results/gpu.md and gpu.json from the rows measured so far; returns the markdown."""
+    ms = lambda s: f'{1e3 * s:.1f}'
+    gib = lambda b: '-' if b is None else f'{b / 2 ** 30:.2f}'
+    B = info.get('batch')
+    tried = ', '.join(f'{k} ' + ('fits' if v else 'OOM') for k, v in info.get('batch_search', {}).items()) or 'given'
+    lines = [f'# bench.py gpu: {info["preset"]} on {info["device"]}', '',
+             f'torch {info["torch"]}. Random {info["preset"]} weights in the release layout (32x16x16 latents, '
+             f'1000 classes; {info.get("params", 0) / 1e6:.1f}M trainable parameters), bf16 autocast for the '
+             f'network passes, TF32 on, fused AdamW, EMA, teacher CFG with Eq. 13 v_psi (train.py\'s defaults). '
+             f'Median of {info["repeats"]} runs after one warm-up. Measured matmul rate '
+             f'({info["matmul_n"]}^3): bf16 {info["bf16_flops"] / 1e12:.3g} TFLOP/s, fp32 '
+             f'{info["fp32_flops"] / 1e12:.3g} TFLOP/s (TF32 on CUDA).', '',
+             f'Batch per GPU: {B}, the largest for which a DE-CM iteration with both updates (fp32 JVP) fits'
+             f' (tried: {tried}).' if B is not None else 'Batch: not yet found.',
+             f'Training state (student, EMA, teacher, AdamW) on the device: {gib(info.get("state_bytes"))} GiB '
+             f'of {gib(info.get("device_memory"))} GiB.', '',
+             '| measurement | batch | ms per call | images/s | peak memory (GiB) | above the state before (GiB) '
+             '| GFLOP | FLOP floor at the bf16 rate (ms) | time / floor | compile (s) |',
+             '|---|---|---|---|---|---|---|---|---|---|']
+    for r in rows:
+        if 'error' in r:
+            lines.append(f'| {r["name"]} | {B} | error: {r["error"]} | | | | | | | |')
+            continue
+        flo = r.get('flops')
+        gflop, floor, ratio = ('-', '-', '-') if flo is None else (f'{flo / 1e9:.4g}', ms(r['floor']),
+                                                                   f'{r["sec"] / r["floor"]:.2f}')
+        comp = f'{r["compile_s"]:.1f}' if 'compile_s' in r else '-'
+        if 'grad_rel_err' in r:
+            comp += f' (gradients vs eager: rel. diff. {r["grad_rel_err"]:.1e})'
+        lines.append(f'| {r["name"]} | {r["batch"]} | {ms(r["sec"])} | {r["images_s"]:.1f} | {gib(r["peak"])} | '
+                     f'{gib(r["extra"])} | {gflop} | {floor} | {ratio} | {comp} |')
+    lines += ['', 'FLOPs: torch.utils.flop_counter.FlopCounterMode (matmuls, convolutions, attention) of each pass '
+              'at batch 1, times the batch; the bf16 JVP rows use the fp32 rows\' count. The DE-CM iteration is '
+              'train.train_step itself (teacher calls, both losses, clipping, AdamW, EMA), averaged over freq '
+              'consecutive iterations (one of them with the N2N update). Peak memory: '
+              'torch.cuda.max_memory_allocated during one more call.',
+              f'Total time {info.get("total_s", 0):.0f} s (--budget {info["budget_s"]:.0f} s; 0: still running). '
+              f'Command: {info["command"]}']
+    md = '\n'.join(lines) + '\n'
+    write_atomic(os.path.join(results, 'gpu.md'), md)
+    write_atomic(os.path.join(results, 'gpu.json'), json.dumps(dict(info, rows=rows), indent=1, default=str) + '\n')
+    return md
+
+
 # ----------------------------------------------------------------------------- command line
 def estimate(a):
     """Paper-scale cost (Sec. 5.1) from a measured CPU iteration of the XL/1 preset: FLOPs of one forward
@@ -829,20 +1512,50 @@ def estimate(a):
 def main(argv=None):
     ap = train.cli_parser(__doc__)
     sub = ap.add_subparsers(dest='cmd', required=True)
-    p = sub.add_parser('pipeline', help='the whole miniature pipeline with an FD table')
-    p.add_argument('--runs', default='runs', help='folder for the teacher and DE-CM runs')
-    p.add_argument('--results', default=RESULTS, help='folder for pipeline.md and pipeline.png')
-    p.add_argument('--teacher-steps', type=int, default=2000, help='teacher flow-matching iterations')
-    p.add_argument('--teacher-lr', type=float, default=1e-3, help='teacher learning rate')
-    p.add_argument('--skip-teacher', action='store_true', help='reuse RUNS/teacher as it is')
+    def common(p, runs):
+        p.add_argument('--runs', default=runs, help='folder for the runs, their logs and the FD cache')
+        p.add_argument('--data', default=None, help='latents folder for training and for the real images '
+                       '(default: the built-in digits)')
+        p.add_argument('--results', default=RESULTS, help='folder of the published results')
+        p.add_argument('--device', default='auto', help='auto, cpu or cuda (training and sampling)')
+        p.add_argument('--amp', default='off', choices=['auto', 'on', 'off'], help='bf16 autocast of the runs '
+                       '(off: fp32 everywhere, so CPU and GPU runs compute the same thing)')
+        p.add_argument('--teacher-steps', type=int, default=2000, help='teacher flow-matching iterations')
+        p.add_argument('--teacher-lr', type=float, default=1e-3, help='teacher learning rate')
+        p.add_argument('--teacher-seed', type=int, default=0, help='seed of the teacher run')
+        p.add_argument('--batch', type=int, default=128, help='teacher batch size')
+        p.add_argument('--skip-teacher', action='store_true', help='reuse RUNS/teacher as it is')
+        p.add_argument('--decm-batch', type=int, default=64, help='DE-CM batch size')
+        p.add_argument('--decm-lr', type=float, default=3e-4, help='DE-CM learning rate')
+        p.add_argument('--w-cfg', type=float, default=2.0, help='CFG weight of the distilled velocity (and of '
+                       'the distilled-velocity teacher baseline)')
+        p.add_argument('--eta', type=float, default=0.05, help='APG eta of the distilled velocity (train.py --eta)')
+        p.add_argument('--cfg-sweep', type=float, nargs='+', default=[1.0, 1.25, 1.5, 2.0],
+                       help='plain-CFG weights of the teacher baselines at 50 steps')
+        p.add_argument('--n', type=int, default=2000, help='samples per FD')
+        p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2], help='seeds (training and sampling)')
+        p.add_argument('--jobs', type=int, default=1, help='runs trained at a time, as subprocesses of one '
+                       'thread each (a GPU or a many-core machine; 1: in this process)')
+
+    p = sub.add_parser('pipeline', help='the whole miniature pipeline with an FD table over seeds')
+    common(p, 'runs/pipe')
     p.add_argument('--decm-steps', type=int, default=400, help='DE-CM iterations')
-    p.add_argument('--decm-batch', type=int, default=64, help='DE-CM batch size')
-    p.add_argument('--decm-lr', type=float, default=3e-4, help='DE-CM learning rate')
-    p.add_argument('--w-cfg', type=float, default=2.0, help='CFG weight (teacher sampler and distillation)')
-    p.add_argument('--batch', type=int, default=128, help='teacher batch size')
-    p.add_argument('--n', type=int, default=2000, help='samples per FD')
-    p.add_argument('--seed', type=int, default=0, help='seed of both runs')
-    p.add_argument('extra', nargs='*', help='more train.py flags for the DE-CM run (after --)')
+    p.add_argument('--publish', action='store_true', help='also copy pipeline.md/.json/.png into --results '
+                   '(by default they stay in --runs)')
+    p.add_argument('extra', nargs='*', help='more train.py flags for the DE-CM runs (after --)')
+
+    p = sub.add_parser('study', help='what closes the gap to the teacher: STUDY configurations x seeds, '
+                       'FD ratio against training iterations (results/study.md, study.png)')
+    common(p, 'runs/study')
+    p.add_argument('--configs', nargs='+', default=['all'], help='names from STUDY (bench.py), or all')
+    p.add_argument('--eval-at', type=int, nargs='+', default=[250, 500, 1000, 2000, 4000],
+                   help='iterations at which the EMA weights are evaluated (the run stops at the last)')
+    p.add_argument('--stop-after', type=float, default=0, help='seconds: stop starting chunks after this, '
+                   'stop the runs 30 s later and report what was reached (0: no limit)')
+    p.add_argument('--stop-at', type=float, default=0, help=argparse.SUPPRESS)
+    p.add_argument('--one', default=None, help=argparse.SUPPRESS)
+    p.add_argument('--report', action='store_true', help='only rewrite study.md/.png from the runs')
+    p.set_defaults(extra=[])
 
     p = sub.add_parser('tables', help="the paper's Table 3 (a)-(o) and Table 4 in miniature")
     p.add_argument('--quick', action='store_true', help='about 5 minutes: 200 teacher and 8 DE-CM iterations, '
@@ -888,6 +1601,19 @@ def main(argv=None):
     p.add_argument('--device', default='auto', help='auto, cpu or cuda')
     p.add_argument('--seed', type=int, default=0, help='seed of the random models and data')
     p.add_argument('--results', default=RESULTS, help='folder for speed.md and speed.json')
+    p = sub.add_parser('gpu', help='XL/1 passes on the GPU at the largest batch that fits -> results/gpu.md')
+    p.add_argument('--preset', default='XL/1', help='model preset (the paper: XL/1; tiny for a dry run)')
+    p.add_argument('--device', default='auto', help='auto (CUDA if present), cuda or cpu (a dry run)')
+    p.add_argument('--budget', type=float, default=240, help='seconds for the whole run; a measurement '
+                   'that would run past it is stopped and recorded as such (default: about 4 minutes)')
+    p.add_argument('--batch', type=int, default=0, help='batch per GPU (0: the largest that fits, searched)')
+    p.add_argument('--max-batch', type=int, default=1024, help='upper end of the batch search')
+    p.add_argument('--repeats', type=int, default=3, help='timed runs per measurement (the median is kept)')
+    p.add_argument('--freq', type=int, default=3, help='N2N every freq iterations for the average iteration')
+    p.add_argument('--no-compile', dest='compile', action='store_false', help='skip the torch.compile rows')
+    p.add_argument('--amp', action='store_true', help='bf16 autocast on CPU too (on CUDA it is always on)')
+    p.add_argument('--seed', type=int, default=0, help='seed of the random weights and data')
+    p.add_argument('--results', default=RESULTS, help='folder for gpu.md and gpu.json')
     p = sub.add_parser('mix', help="the Mix sampler's switch: pixel FD over --mix-det x --mix-t")
     p.add_argument('--ckpt', default='runs/decm', help='DE-CM checkpoint (file or run folder)')
     p.add_argument('--nfe', type=train.bounded(int, 2), default=4, help='network calls per sample')
@@ -899,7 +1625,15 @@ def main(argv=None):
     a = ap.parse_args(argv)
     a.command = ' '.join(sys.argv[1:] if argv is None else argv)
     try:
-        {'pipeline': pipeline, 'tables': tables, 'speed': speed, 'estimate': estimate, 'mix': mix_sweep}[a.cmd](a)
+        if a.cmd in ('pipeline', 'study'):
+            for name in ('n', 'jobs', 'teacher_steps', 'batch', 'decm_batch') + (('decm_steps',) if a.cmd == 'pipeline' else ()):
+                if getattr(a, name) < (2 if name == 'n' else 1):
+                    ap.error(f'--{name.replace("_", "-")} {getattr(a, name)}: must be at least {2 if name == "n" else 1}')
+            if a.cmd == 'study' and a.report:
+                names = [n for n, _, _ in STUDY] if a.configs == ['all'] else a.configs
+                return study_report(a, names)
+        {'pipeline': pipeline, 'study': study, 'tables': tables, 'speed': speed, 'estimate': estimate, 'gpu': gpu,
+         'mix': mix_sweep}[a.cmd](a)
     except ValueError as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)

@@ -6,7 +6,11 @@ Flow map (Eq. 9): f(x, t, s) = x + (s - t) F(x, t, s).
 CM (Alg. 1 l.8-11). Along the teacher ODE dx/dt = v the consistency function f(x_t, t, 1) must not move:
     d/dt f(x_t, t, 1) = v - F + (1 - t) dF/dt,   dF/dt = JVP of F at (x_t, t, 1) along (v, 1, 0)  (Eq. 11)
     g_cm = F - v - (1 - t) dF/dt = -d/dt f                                     (l.9)
-    target = sg(F) - w1 g_cm                                                   (l.10; w1 = 1: MeanFlow's)
+    target = sg(F) - w1(t) g_cm                                                (l.10; w1 = 1: MeanFlow's)
+  The paper leaves w1(t) open. Besides a constant, `cm_loss` takes FACM's relaxation (the closest
+  working system, same teacher): w1(t) = w1 (1 - t^q) (no pull at the data end t = 1, where
+  f(x, 1, 1) = x holds by construction), g clipped elementwise to [-g_clip, g_clip], and the per-sample
+  loss weighted by cos(pi t / 2). Defaults: constant w1, no clip, no weight (Alg. 1 as written).
 
 N2N (Alg. 1 l.17-25). f(x_r, r, t) maps a point near noise (r -> 0) to time t, two residuals vanish:
     left end, r moves along the teacher trajectory (dx_r/dr = v_r):
@@ -34,48 +38,61 @@ Adaptive weighting (Sec. 4.4, as MeanFlow): a per-sample squared error l becomes
 Fused JVP: the loss is taken on the JVP's primal output, saving one forward pass; it keeps the
 tangent graph alive until backward (about 2.5x the activation memory). `fused=False` runs the JVP
 under no_grad and a separate forward for the loss.
+JVP precision (`jvp_dtype`): float32 by default (autocast off, TF32 matmuls on CUDA); bfloat16 runs
+the JVP under bf16 autocast like the other passes (README: its error against a float64 JVP).
 """
+import math
+
 import torch
 import torch.nn.functional as F
 from torch.func import jvp
 
 
-def adaptive_l2(pred, target, p=0.5, c=1e-3):
-    """Per-sample mean squared error, divided by sg(error + c)^p, averaged over the batch."""
+def adaptive_l2(pred, target, p=0.5, c=1e-3, weight=None):
+    """Per-sample mean squared error, divided by sg(error + c)^p, times an optional per-sample weight,
+    averaged over the batch."""
     err = (pred - target).float().pow(2).flatten(1).mean(1)
-    return (err / (err.detach() + c).pow(p)).mean()
+    loss = err / (err.detach() + c).pow(p)
+    return (loss if weight is None else loss * weight).mean()
 
 
 def bcast(t, x):
     return t.view(-1, *[1] * (x.dim() - 1))
 
 
-def model_jvp(model, x, t, s, y, tangents, fused=True):
-    """(F(x, t, s, y), dF along tangents=(dx, dt, ds)), in fp32 with explicit softmax attention
-    (forward-mode AD has no rule for the fused SDPA kernels). fused=True keeps the primal differentiable."""
+def model_jvp(model, x, t, s, y, tangents, fused=True, dtype=torch.float32):
+    """(F(x, t, s, y), dF along tangents=(dx, dt, ds)), with explicit softmax attention (forward-mode
+    AD has no rule for the fused SDPA kernels), in float32 (or the model's float64) or under bfloat16
+    autocast (dtype=torch.bfloat16). fused=True keeps the primal differentiable."""
     fn = lambda x_, t_, s_: model(x_, t_, s_, y, explicit_attention=True)
-    with torch.autocast(x.device.type, enabled=False):
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         if fused:
             out, dout = jvp(fn, (x, t, s), tangents)
-            return out, dout.detach()                          # the tangent is a constant of the loss
+            return out.to(x.dtype), dout.detach().to(x.dtype)   # the tangent is a constant of the loss
         with torch.no_grad():
             out, dout = jvp(fn, (x, t, s), tangents)
-    return model(x, t, s, y), dout
+    return model(x, t, s, y), dout.to(x.dtype)
 
 
-def cm_residual(F_cm, dF, v, t, w1=1.0):
-    """Alg.1 l.9-10: g_cm and the CM target (all inputs detached)."""
+def cm_residual(F_cm, dF, v, t, w1=1.0, w1_power=0.0, g_clip=0.0):
+    """Alg.1 l.9-10: g_cm and the CM target (all inputs detached). w1(t) = w1 (1 - t^w1_power) when
+    w1_power > 0 (FACM's relaxation), else the constant w1; g_clip > 0 clips g elementwise."""
     g = F_cm - v - bcast(1 - t, v) * dF                        # l.9: g_cm = sg(F) - v - (1 - t) dF/dt
-    return g, F_cm - w1 * g                                    # l.10: v_tar = sg(F) - w1(t) g_cm
+    w = w1 * (1 - t.pow(w1_power)) if w1_power > 0 else torch.full_like(t, w1)
+    g_used = g.clamp(-g_clip, g_clip) if g_clip > 0 else g
+    return g, F_cm - bcast(w, g) * g_used                      # l.10: v_tar = sg(F) - w1(t) g_cm
 
 
-def cm_loss(model, x_t, t, y, v, w1=1.0, p=0.5, c=1e-3, fused=True):
-    """L_cm of Eq. 10 at s = 1. Returns (loss, F_cm detached)."""
+def cm_loss(model, x_t, t, y, v, w1=1.0, p=0.5, c=1e-3, fused=True, jvp_dtype=torch.float32, w1_power=0.0,
+            g_clip=0.0, time_weight='none'):
+    """L_cm of Eq. 10 at s = 1 (time_weight 'cos': each sample weighted by cos(pi t / 2)).
+    Returns (loss, F_cm detached)."""
     one = torch.ones_like(t)
     # l.8: F_cm, dF/dt <- JVP(F, (x_t, t, 1), (v, 1, 0))
-    F_cm, dF = model_jvp(model, x_t, t, one, y, (v, one, torch.zeros_like(t)), fused)
-    _, target = cm_residual(F_cm.detach(), dF, v, t, w1)
-    return adaptive_l2(F_cm, target, p, c), F_cm.detach()     # l.11: d1(F_cm, v_tar)
+    F_cm, dF = model_jvp(model, x_t, t, one, y, (v, one, torch.zeros_like(t)), fused, jvp_dtype)
+    _, target = cm_residual(F_cm.detach(), dF, v, t, w1, w1_power, g_clip)
+    weight = torch.cos(math.pi / 2 * t) if time_weight == 'cos' else None
+    return adaptive_l2(F_cm, target, p, c, weight), F_cm.detach()   # l.11: d1(F_cm, v_tar)
 
 
 def n2n_residual(F_n2n, dF, v_r, v_psi, r, t, lam=1.0, gam=1.0, w2=1.0):
@@ -84,12 +101,13 @@ def n2n_residual(F_n2n, dF, v_r, v_psi, r, t, lam=1.0, gam=1.0, w2=1.0):
     return g, F_n2n - w2 * g
 
 
-def n2n_loss(model, x_r, r, t, y, v_r, v_psi, lam=1.0, gam=1.0, w2=1.0, p=0.5, c=1e-3, fused=True):
+def n2n_loss(model, x_r, r, t, y, v_r, v_psi, lam=1.0, gam=1.0, w2=1.0, p=0.5, c=1e-3, fused=True,
+             jvp_dtype=torch.float32):
     """L_n2n of Eq. 15. v_psi, the teacher velocity at time t (see the docstring), is a tensor or a
     function of the N2N output F (to evaluate the teacher at f(x_r, r, t)). Returns (loss, F)."""
     # l.22: F_n2n, dF <- JVP(F, (x_r, r, t), (lambda v_r, lambda, -gamma))
     tangents = (lam * v_r, torch.full_like(r, lam), torch.full_like(t, -gam))
-    F_n2n, dF = model_jvp(model, x_r, r, t, y, tangents, fused)
+    F_n2n, dF = model_jvp(model, x_r, r, t, y, tangents, fused, jvp_dtype)
     v_psi = v_psi(F_n2n.detach()) if callable(v_psi) else v_psi
     _, target = n2n_residual(F_n2n.detach(), dF, v_r, v_psi, r, t, lam, gam, w2)
     return adaptive_l2(F_n2n, target, p, c), F_n2n.detach()   # l.25

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from model import DiT, load_dit_state, write_adm_npz
-from teacher import load_teacher, cfg_velocity, read_checkpoint, resolve_checkpoint
+from teacher import load_teacher, cfg_velocity, teacher_velocity, read_checkpoint, resolve_checkpoint
 from train import cli_parser, bounded, device_flag, set_threads, LatentFolder, BUILTIN_DIR
 
 
@@ -74,14 +74,20 @@ def mix_sampler(model, z, y, nfe, det_steps=None, t_switch=0.5, gen=None):
 
 
 @torch.no_grad()
-def teacher_sampler(teacher, z, y, nfe, w_cfg=1.0, cfg_interval_start=0.0, shift=0.0):
-    """The teacher's Euler ODE with CFG (one batched cond+uncond call per step)."""
+def teacher_sampler(teacher, z, y, nfe, w_cfg=1.0, cfg_interval_start=0.0, shift=0.0, guidance='cfg', eta=0.05):
+    """The teacher's Euler ODE (one batched cond+uncond call per step). guidance 'cfg': plain CFG
+    v_u + w (v_c - v_u); 'apg': the very velocity DE-CM distils (teacher.teacher_velocity, Alg.1 l.6,
+    same w_cfg and eta as train.py), the fair baseline of a distilled student."""
     ts = torch.linspace(0, 1, nfe + 1)
     if shift > 0:
         ts = shift * ts / (1 + (shift - 1) * ts)
     x = z
     for t, t_next in zip(ts[:-1].tolist(), ts[1:].tolist()):
-        x = x + (t_next - t) * cfg_velocity(teacher, x, full(x, t), y, w_cfg, cfg_interval_start)
+        if guidance == 'apg':
+            v = teacher_velocity(teacher, x, full(x, t), y, w_cfg=w_cfg, eta=eta, vnorm=True)
+        else:
+            v = cfg_velocity(teacher, x, full(x, t), y, w_cfg, cfg_interval_start)
+        x = x + (t_next - t) * v
     return x
 
 
@@ -96,7 +102,8 @@ def run_sampler(model, name, z, y, nfe, gen=None, args=None):
     """Dispatch on the sampler name; `args` carries the sampler flags (defaults if None)."""
     get = lambda k, d: getattr(args, k, d) if args is not None else d
     if model.s_embedder is None or name == 'teacher':
-        return teacher_sampler(model, z, y, nfe, get('cfg', 1.0), get('cfg_interval_start', 0.0), get('shift', 0.0))
+        return teacher_sampler(model, z, y, nfe, get('cfg', 1.0), get('cfg_interval_start', 0.0), get('shift', 0.0),
+                               get('guidance', 'cfg'), get('eta', 0.05))
     if name == 'euler':
         return euler_sampler(model, z, y, nfe)
     if name == 'cm':
@@ -183,6 +190,9 @@ def main(argv=None):
     A('--mix-t', type=bounded(float, 0, 1, lo_open=True, hi_open=True), default=0.5,
       help='time in (0, 1) where the Mix sampler switches to CM steps (README)')
     A('--cfg', type=bounded(float, 0), default=2.0, help='teacher sampler: CFG weight (1: no guidance)')
+    A('--guidance', default='cfg', choices=['cfg', 'apg'], help="teacher sampler: 'cfg' plain CFG, or 'apg' the "
+      'APG-normalised velocity DE-CM distils (same --cfg as train.py --w-cfg, and --eta)')
+    A('--eta', type=bounded(float, 0), default=0.05, help='teacher sampler with --guidance apg: as train.py --eta')
     A('--cfg-interval-start', type=bounded(float, 0, 1), default=0.0,
       help='teacher sampler: guide only for t >= this, in [0, 1]')
     A('--shift', type=bounded(float, 0), default=0.0, help='teacher sampler: timestep shift (LightningDiT: 0.3; 0 = off)')

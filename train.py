@@ -42,6 +42,7 @@ from teacher import load_teacher, teacher_velocity, read_checkpoint
 
 BUILTIN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'digits16')
 LOSS_NAMES = ('fm', 'cm', 'n2n')
+JVP_DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16}
 
 
 # ----------------------------------------------------------------------------- built-in dataset
@@ -186,6 +187,16 @@ def sample_t(n, args, device):
 
 
 # ----------------------------------------------------------------------------- one iteration
+def lr_at(step, args):
+    """Learning rate of iteration `step` (0-based): linear warm-up, then constant or cosine decay."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    if args.lr_schedule == 'cosine':
+        done = (step - args.warmup) / max(1, args.steps - args.warmup)
+        return args.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
+    return args.lr
+
+
 def all_reduce_grads(params, world):
     """Average gradients over ranks with one flat all-reduce (instead of DDP, see the docstring)."""
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
@@ -239,8 +250,10 @@ def train_step(student, ema, teacher, opt, batch, it, args, world, autocast, dra
         v_t = teacher_velocity(teacher, x_t, t, y, z, x_ref, **vel).to(x_ref.dtype)
     log, skipped = {}, 0
     loss = 0.0
+    jvp_dtype = JVP_DTYPES[args.jvp_dtype]
     if 'cm' in names:                                          # l.8-11
-        log['cm'], _ = losses.cm_loss(student, x_t, t, y, v_t, args.w1, args.p, args.c, args.fused)
+        log['cm'], _ = losses.cm_loss(student, x_t, t, y, v_t, args.w1, args.p, args.c, args.fused, jvp_dtype,
+                                      args.w1_power, args.g_clip, args.cm_weight)
         loss = loss + log['cm']
     if 'fm' in names:                                          # l.13-14
         with autocast:
@@ -262,7 +275,7 @@ def train_step(student, ema, teacher, opt, batch, it, args, world, autocast, dra
                 x_hat = x_r + losses.bcast(t - r, x_r) * F_n2n
                 return teacher_velocity(teacher, x_hat, t, y, **vel).to(x_ref.dtype)
         log['n2n'], _ = losses.n2n_loss(student, x_r, r, t, y, v_r, v_psi, args.lam, args.gam, args.w2,
-                                        args.p, args.c, args.fused)   # l.22-25
+                                        args.p, args.c, args.fused, jvp_dtype)   # l.22-25
         loss2 = log['n2n']
         if 'fm' in names:                                      # l.26-27
             with autocast:
@@ -516,7 +529,7 @@ def print_startup(args, student, teacher, data, ds, world, dev, use_amp, per_epo
     say(f'batch {args.batch} global = {args.batch // world} per rank x {world} rank(s), gradient accumulation '
         f'{getattr(args, "accum", 1)}; device {dev}')
     say(f'dtypes: weights, gradients, AdamW and EMA fp32; network passes {"bf16 autocast" if use_amp else "fp32"}; '
-        f'JVPs fp32' + ('; TF32 matmuls on' if dev.type == 'cuda' else ''))
+        f'JVPs {args.jvp_dtype}' + ('; TF32 matmuls on' if dev.type == 'cuda' else ''))
     say(f'iterations {step} -> {args.steps}' + (' (resumed)' if step else '') + f'; checkpoint every '
         f'{args.ckpt_every} in {args.out}; every {args.log_every} a line in {os.path.join(args.out, "log.jsonl")}')
     say('evaluation: ' + (evaluator.describe() if evaluator is not None else 'off (--eval-every N turns it on)'))
@@ -666,6 +679,9 @@ def build_parser():
     A('--steps', type=POS_INT, default=2000, help='training iterations')
     A('--batch', type=POS_INT, default=128, help='global batch size (split over torchrun ranks)')
     A('--lr', type=POS, default=1e-4, help='AdamW learning rate (paper: 1e-4)')
+    A('--lr-schedule', default='constant', choices=['constant', 'cosine'],
+      help="learning rate over the run: 'constant', or 'cosine' decay to 0 at --steps (after --warmup)")
+    A('--warmup', type=NONNEG_INT, default=0, help='iterations of linear learning-rate warm-up from 0')
     A('--beta2', type=bounded(float, 0, 1, hi_open=True), default=0.95, help="AdamW beta2 (LightningDiT's 0.95)")
     A('--weight-decay', type=NONNEG, default=0.0, help='AdamW weight decay')
     A('--ema', type=bounded(float, 0, 1, hi_open=True), default=0.995,
@@ -678,6 +694,10 @@ def build_parser():
     A('--lam', type=NONNEG, default=1.0, help='lambda: weight of the left (r) end of N2N')
     A('--gam', type=NONNEG, default=1.0, help='gamma: weight of the right (t) end of N2N')
     A('--w1', type=NONNEG, default=1.0, help='w1(t), constant: weight of g_cm in the CM target')
+    A('--w1-power', type=NONNEG, default=0.0, help='q > 0: w1(t) = w1 (1 - t^q), FACM\'s relaxation '
+      '(0: the constant w1 of Alg. 1)')
+    A('--g-clip', type=NONNEG, default=0.0, help='clip g_cm elementwise to [-g_clip, g_clip] in the CM target (FACM: 1; 0: off)')
+    A('--cm-weight', default='none', choices=['none', 'cos'], help="per-sample weight of L_cm: 'cos' = cos(pi t / 2) (FACM), 'none' = 1")
     A('--w2', type=NONNEG, default=1.0, help='w2(r, t), constant: weight of g_n2n in the N2N target')
     A('--p', type=UNIT, default=0.5, help='adaptive weighting power (0.5: pseudo-Huber; 0: plain L2)')
     A('--c', type=POS, default=1e-3, help='adaptive weighting constant')
@@ -689,6 +709,8 @@ def build_parser():
     A('--class-drop', type=UNIT, default=0.1, help='label dropout when training without a teacher')
     A('--no-fused', dest='fused', action='store_false',
       help='JVP under no_grad plus a separate forward (less memory, one more forward)')
+    A('--jvp-dtype', default='fp32', choices=list(JVP_DTYPES),
+      help='precision of the JVPs: fp32 (autocast off, TF32 on CUDA) or bf16 (under bf16 autocast)')
     A('--grad-clip', type=NONNEG, default=1.0, help='gradient-norm clipping (0: off)')
     A('--nan-patience', type=POS_INT, default=5, help='stop after this many non-finite updates in a row')
     A('--seed', type=NONNEG_INT, default=0, help='random seed (rank r uses seed + r)')
@@ -876,6 +898,8 @@ def train(args):
         lat, lat_flip, y = next(stream)
         data_pos += 1
         x = prepare_batch(lat, lat_flip, mean, std, dev)
+        for group in opt.param_groups:
+            group['lr'] = lr_at(step, args)
         log, ok = train_step(student, ema, teacher, opt, (x, y.to(dev)), step, args, world, autocast)
         step += 1
         window_steps += 1
