@@ -18,13 +18,14 @@ batch, so the result does not depend on the number of ranks) and gathered into o
 """
 import os
 import sys
+import tempfile
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from model import DiT, load_dit_state, write_adm_npz
+from model import DiT, PRESETS, load_dit_state
 from teacher import load_teacher, cfg_velocity, read_checkpoint, resolve_checkpoint
 from train import cli_parser, LatentFolder, BUILTIN_DIR
 
@@ -149,6 +150,43 @@ def save_grid(path, images_nhwc, labels, per_row=10, max_rows=10):
     tmp = path + '.tmp.png'
     im.save(tmp)
     os.replace(tmp, path)
+
+
+def write_adm_npz(path, images_uint8_nhwc, labels=None):
+    """Write an ADM-style sample file: arr_0 = uint8 images (N, H, W, C); arr_1 = int64 labels (N,) if given.
+
+    Written to a temporary file in the destination folder and moved into place with os.replace,
+    so readers never see a half-written file.
+    """
+    imgs = images_uint8_nhwc
+    if torch.is_tensor(imgs):
+        imgs = imgs.detach().cpu().numpy()
+    imgs = np.asarray(imgs)
+    if imgs.dtype != np.uint8 or imgs.ndim != 4 or imgs.shape[-1] not in (1, 3):
+        raise ValueError(f'write_adm_npz: expected uint8 NHWC images, got dtype {imgs.dtype} shape {imgs.shape}')
+    arrays = {'arr_0': np.ascontiguousarray(imgs)}
+    if labels is not None:
+        if torch.is_tensor(labels):
+            labels = labels.detach().cpu().numpy()
+        labels = np.asarray(labels).astype(np.int64).reshape(-1)
+        if labels.shape[0] != imgs.shape[0]:
+            raise ValueError(f'write_adm_npz: {labels.shape[0]} labels for {imgs.shape[0]} images')
+        arrays['arr_1'] = labels
+
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix='.tmp_', suffix='.npz', dir=folder)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def save_npz(path, **arrays):

@@ -191,7 +191,7 @@ def test_xl1_names_and_shapes_match_lightningdit():
         m = DiT('XL/1', in_channels=32, input_size=16, num_classes=1000, s_embed=False)
     ours = {k: tuple(v.shape) for k, v in m.state_dict().items()}
     theirs = {}
-    for line in open(os.path.join(HERE, 'lightningdit_xl1_params.txt')):
+    for line in open(os.path.join(HERE, 'testdata', 'lightningdit_xl1_params.txt')):
         if line.strip() and not line.startswith('#'):
             name, shape = line.rstrip('\n').split('\t')
             theirs[name] = tuple(int(s) for s in shape.split(','))
@@ -475,7 +475,8 @@ def test_torchrun_sample_shards_into_one_npz(teacher_ckpt, tmp_path):
 
 
 # ----------------------------------------------------------------------------- VA-VAE decoder
-from model import VAVAEDecoder, decode_to_uint8, load_vavae_decoder, write_adm_npz  # noqa: E402
+from model import VAVAEDecoder, decode_to_uint8, load_vavae_decoder  # noqa: E402
+from sample import write_adm_npz  # noqa: E402
 
 SMALL = dict(ch=32)  # same topology as the release decoder, 4x narrower
 
