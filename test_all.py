@@ -3,6 +3,7 @@
 Formulas are checked against finite differences in float64 on a model with random non-zero weights
 (with adaLN-Zero init every tangent would be exactly 0 and any formula would pass).
 """
+import argparse
 import collections
 import json
 import os
@@ -1493,3 +1494,138 @@ def test_estimate_writes_the_paper_scale_figures(tmp_path):
     run_bench('estimate', '--preset', 'tiny', '--threads', '1', '--results', str(tmp_path))
     text = (tmp_path / 'estimate.md').read_text()
     assert 'PFLOP' in text and 'hours' in text and 'GB of activations per sample' in text
+
+
+# ---- ImageNet path (end to end, accumulation, latent stats, presets)
+def test_accum_micro_batches_equal_one_batch(teacher_ckpt):
+    """--accum 4 (micro-batches of 4) equals one batch of 16, for both updates (CM+FM and N2N+FM at freq 1),
+    with the iteration's own random draws (z, t, r made for the whole batch), over 2 iterations."""
+    results = {}
+    for K in (1, 4):
+        args, teacher, student, ema, opt = step_setup(teacher_ckpt, ['--freq', '1', '--accum', str(K)],
+                                                      dtype=torch.float64)
+        x, y, _ = fixed_batch(dtype=torch.float64)
+        sizes = []
+        hook = student.register_forward_hook(lambda m, i, o: sizes.append(i[0].shape[0]))
+        torch.manual_seed(7)                                   # the same draws for both K
+        logs = [train.train_step(student, ema, teacher, opt, (x, y), it, args, 1,
+                                 torch.autocast('cpu', enabled=False))[0] for it in range(2)]
+        hook.remove()
+        assert max(sizes) == 16 // K                           # K micro-batches, never the whole batch
+        results[K] = (student.state_dict(), ema.state_dict(), logs)
+    start = step_setup(teacher_ckpt, ['--freq', '1'], dtype=torch.float64)[2].state_dict()
+    (s1, e1, l1), (s4, e4, l4) = results[1], results[4]
+    moved = 0
+    for k in s1:
+        assert torch.allclose(s1[k], s4[k], rtol=1e-9, atol=1e-11), k
+        assert torch.allclose(e1[k], e4[k], rtol=1e-9, atol=1e-11), k
+        moved += not torch.equal(s1[k], start[k])
+    assert moved > 10
+    for a, b in zip(l1, l4):
+        assert a.keys() == b.keys() == {'cm', 'fm', 'n2n', 'fm2'}
+        assert all(torch.allclose(a[n], b[n], rtol=1e-6) for n in a), (a, b)   # losses are in float32
+
+
+def test_teacher_grid_is_lightningdits_250_points():
+    """LightningDiT (transport/integrators.py, configs/reproductions/*800ep*.yaml): num_sampling_steps K = 250
+    points u_i = i / (K - 1), shifted t_i = s u_i / (1 + (s - 1) u_i) with s = 0.3, Euler steps from t_i to
+    t_{i+1} with the velocity at t_i (K - 1 steps, the last one ends at t = 1). Our --nfe 249 must be that."""
+    K, s = 250, 0.3
+    u = np.arange(K, dtype=np.float64) / (K - 1)
+    theirs = s * u / (1 + (s - 1) * u)
+    ours = sample.teacher_times(K - 1, s)
+    assert len(ours) == K and ours[0] == 0 and ours[-1] == 1
+    assert np.abs(ours.double().numpy() - theirs).max() < 1e-6
+    m = random_dit(s_embed=False, dtype=torch.float64, size=4)
+    seen = []
+    hook = m.register_forward_hook(lambda mod, i, o: seen.append((i[0].clone(), i[1][0].item(), o.clone())))
+    z, y = torch.randn(1, 1, 4, 4, dtype=torch.float64), torch.tensor([3])
+    x = sample.teacher_sampler(m, z, y, K - 1, w_cfg=1.0, shift=s)
+    hook.remove()
+    assert len(seen) == K - 1 and np.abs(np.array([t for _, t, _ in seen]) - theirs[:-1]).max() < 1e-6
+    x_last, t_last, v_last = seen[-1]                          # the last step: from t_248 to 1
+    assert torch.allclose(x, x_last + (1 - theirs[-2]) * v_last, atol=1e-12) and abs(t_last - theirs[-2]) < 1e-6
+
+
+def test_cfg_channels_guides_only_the_first_channels():
+    """--cfg-channels 3 is LightningDiT's forward_with_cfg: guide channels 0-2, the rest conditional; 0 guides
+    all; below the CFG interval every channel is conditional."""
+    from teacher import cfg_velocity
+    m = random_dit(s_embed=False, dtype=torch.float64, channels=5, size=4)
+    x, y = torch.randn(2, 5, 4, 4, dtype=torch.float64), torch.tensor([1, 4])
+    t = torch.tensor([0.5, 0.05], dtype=torch.float64)
+    v_c, v_u = m(x, t, None, y), m(x, t, None, torch.full_like(y, 10))
+    guided = v_u + 4.0 * (v_c - v_u)
+    all_ch = cfg_velocity(m, x, t, y, 4.0, cfg_interval_start=0.1)
+    three = cfg_velocity(m, x, t, y, 4.0, cfg_interval_start=0.1, cfg_channels=3)
+    assert torch.allclose(all_ch[0], guided[0]) and torch.allclose(all_ch[1], v_c[1])
+    assert torch.allclose(three[0, :3], guided[0, :3]) and torch.allclose(three[0, 3:], v_c[0, 3:])
+    assert torch.allclose(three[1], v_c[1]) and not torch.allclose(three[0], all_ch[0])
+
+
+def lightningdit_file(path, preset='tiny', channels=32, size=4, classes=10, seed=0):
+    """A teacher in LightningDiT's training-checkpoint format {'model', 'ema', 'opt', 'config'} with random
+    weights (non-zero adaLN); 'model' differs from 'ema', as after training. Returns the EMA network."""
+    ema = random_dit(s_embed=False, dtype=torch.float32, seed=seed, channels=channels, size=size, classes=classes,
+                     preset=preset)
+    sd = ema.state_dict()
+    g = torch.Generator().manual_seed(seed + 1)
+    raw = {k: v + 0.1 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in sd.items()}
+    config = {'model': {'model_type': f'LightningDiT-{preset}', 'in_chans': channels, 'use_swiglu': True,
+                        'use_rope': True, 'use_rmsnorm': True},
+              'data': {'image_size': 16 * size, 'num_classes': classes, 'latent_norm': True,
+                       'latent_multiplier': 1.0},
+              'train': {'global_batch_size': 1024}, 'optimizer': {'lr': 2e-4, 'beta2': 0.95}}
+    opt = torch.optim.AdamW(ema.parameters(), lr=2e-4).state_dict()
+    torch.save({'model': raw, 'ema': sd, 'opt': opt, 'config': config}, path)
+    return ema.eval()
+
+
+def imagenet_latents(root, shards=(24, 8), C=32, H=4, classes=10):
+    """LightningDiT's extract_features.py format: latents_rank00_shard00k.safetensors (latents, latents_flip,
+    labels) and latents_stats.pt with per-channel mean and std far from 0 and 1. Returns the statistics."""
+    from safetensors.torch import save_file
+    os.makedirs(root, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    mean = 5 + torch.arange(C).float().view(1, C, 1, 1) / C
+    std = 3 + torch.arange(C).float().view(1, C, 1, 1) / C
+    for k, n in enumerate(shards):
+        lat = torch.randn(n, C, H, H, generator=g) * std + mean
+        save_file({'latents': lat, 'latents_flip': lat.flip(-1), 'labels': torch.randint(0, classes, (n,), generator=g)},
+                  os.path.join(root, f'latents_rank00_shard{k:03d}.safetensors'))
+    stats = {'mean': mean, 'std': std}
+    torch.save(stats, os.path.join(root, 'latents_stats.pt'))
+    return stats
+
+
+def sampled_in_process(ckpt, sampler, nfe, n, batch, preset='XL/1', **flags):
+    """What sample.py --ckpt CKPT writes before decoding, computed here: the sampler's output (seed 0) and labels."""
+    model, _, _ = sample.load_model(ckpt, preset=preset)
+    xs, ys, _ = sample.generate(model, sampler, n, nfe, model.num_classes, 0, batch,
+                                args=argparse.Namespace(**flags), progress=False)
+    return torch.cat([xs[k] for k in sorted(xs)]), torch.cat([ys[k] for k in sorted(ys)])
+
+
+def test_sample_teacher_file_denormalises_with_latent_stats(tmp_path):
+    """sample.py on a LightningDiT-format file (--preset tiny): with --latent-stats the latents written are the
+    sampler's output x std + mean; without, they are written as normalised; --vae without statistics and a
+    wrong --preset exit 2 with one line."""
+    tea, st = str(tmp_path / 'tea.pt'), str(tmp_path / 'latents' / 'latents_stats.pt')
+    lightningdit_file(tea)
+    stats = imagenet_latents(str(tmp_path / 'latents'), shards=(2,))
+    common = ['sample.py', '--ckpt', tea, '--nfe', '2', '--num-samples', '4', '--batch', '2', '--cfg', '3']
+    runs = {'stats': common + ['--preset', 'tiny', '--latent-stats', st, '--out', tmp_path / 'a'],
+            'none': common + ['--preset', 'tiny', '--out', tmp_path / 'b'],
+            'vae': common + ['--preset', 'tiny', '--vae', tmp_path / 'vavae.pt', '--out', tmp_path / 'c'],
+            'preset': common + ['--preset', 'small', '--latent-stats', st, '--out', tmp_path / 'd']}
+    with ThreadPoolExecutor(2) as pool:
+        done = dict(zip(runs, pool.map(run_cli, runs.values())))
+    for k in ('stats', 'none'):
+        assert done[k][0] == 0, done[k][2]
+    x, y = sampled_in_process(tea, 'teacher', 2, 4, 2, preset='tiny', cfg=3.0)
+    a, b = np.load(tmp_path / 'a' / 'samples.npz'), np.load(tmp_path / 'b' / 'samples.npz')
+    assert np.allclose(a['latents'], (x * stats['std'] + stats['mean']).numpy(), atol=1e-4)
+    assert np.array_equal(a['labels'], y.numpy()) and 'latents' not in b.files
+    assert np.allclose(b['latents_normalised'], x.numpy(), atol=1e-5)
+    assert_one_error(*done['vae'][::2], must=('--vae', '--latent-stats'), what='--vae without statistics')
+    assert_one_error(*done['preset'][::2], must=('--preset small',), what='a wrong --preset')
