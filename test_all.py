@@ -1634,3 +1634,136 @@ def test_sample_teacher_file_denormalises_with_latent_stats(tmp_path):
     assert np.allclose(b['latents_normalised'], x.numpy(), atol=1e-5)
     assert_one_error(*done['vae'][::2], must=('--vae', '--latent-stats'), what='--vae without statistics')
     assert_one_error(*done['preset'][::2], must=('--preset small',), what='a wrong --preset')
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args):
+    return ['-m', 'torch.distributed.run', '--nproc_per_node', '2', *args]
+
+
+def adm_reference(path, n=6, size=64, seed=0):
+    """A reference batch in the format of ADM's VIRTUAL_imagenet256_labeled.npz: arr_0 (uint8 NHWC images),
+    mu, sigma (2048-d pool3 statistics; used as statistics, as ADM's evaluator does), mu_s, sigma_s (spatial
+    features). mu and sigma here are not the statistics of arr_0, so reading the images instead would show."""
+    rng = np.random.default_rng(seed)
+    b = rng.standard_normal((2048, 64))
+    np.savez(path, arr_0=random_images(n, size=size, seed=seed), mu=rng.uniform(0, 0.5, 2048),
+             sigma=b @ b.T / 640 + 0.01 * np.eye(2048), mu_s=np.zeros(2023), sigma_s=np.eye(2023))
+    with np.load(path) as f:
+        return f['mu'], f['sigma']
+
+
+def decoded_in_process(vae, x, stats):
+    """The decoder's images of the sampler output x: de-normalised (x std + mean), and not (for contrast)."""
+    with torch.no_grad():
+        return (decode_to_uint8(vae, x * stats['std'] + stats['mean']).numpy(),
+                decode_to_uint8(vae, x).numpy())
+
+
+def test_end_to_end_imagenet_format(tmp_path, weights):
+    """The ImageNet 256 chain of README.md through the CLIs, on files in the upstream formats made here (tiny
+    sizes: 32x4x4 latents, the tiny preset): a latents folder (2 shards, statistics far from 0 and 1) and a
+    LightningDiT-format teacher -> train.py (1 process) -> torchrun 2 ranks with --accum, SIGKILLed and resumed
+    in the multi-node (rendezvous) form, bit-equal to an uninterrupted 2-rank run -> sample.py (torchrun) from
+    the DE-CM run and from the teacher file with --vae (a release-format VA-VAE) -> fid.py against an ADM-format
+    reference with Inception weights in pytorch-fid's layout."""
+    root = str(tmp_path)
+    data, tea, vae_file, ref = (os.path.join(root, f) for f in ('latents', 'tea.pt', 'vavae.pt', 'ref.npz'))
+    stats_file = os.path.join(data, 'latents_stats.pt')
+    stats = imagenet_latents(data)
+    teacher = lightningdit_file(tea)
+    torch.manual_seed(0)
+    vae = VAVAEDecoder().eval()                                # the release architecture, random weights
+    _release_file(vae_file, vae)
+    ref_mu, ref_sigma = adm_reference(ref)
+    logs = os.path.join(root, 'logs')
+    os.makedirs(logs)
+    N = 10
+    distill = ['train.py', '--data', data, '--teacher', tea, '--preset', 'tiny', '--batch', '8', '--lr', '1e-3',
+               '--freq', '2', '--ema', '0.9', '--w-cfg', '2', '--workers', '0', '--steps', str(N)]
+    two_ranks = lambda out, *extra: torchrun('--master_port', str(free_port()), *distill, '--accum', '2',
+                                             '--out', out, *extra)
+    ref_dir, killed_dir, single_dir = (os.path.join(root, d) for d in ('ref', 'killed', 'single'))
+    teacher_sample = ['sample.py', '--ckpt', tea, '--preset', 'tiny', '--latent-stats', stats_file, '--nfe', '3',
+                      '--cfg', '4', '--cfg-interval-start', '0.125', '--shift', '0.3', '--cfg-channels', '3',
+                      '--num-samples', '4', '--batch', '2', '--vae', vae_file, '--out', os.path.join(root, 's_tea')]
+    procs = {'single': popen_cli(distill[:-1] + ['2', '--out', single_dir], os.path.join(logs, 'single')),
+             'ref': popen_cli(two_ranks(ref_dir, '--ckpt-every', '1000'), os.path.join(logs, 'ref')),
+             'tea': popen_cli(teacher_sample, os.path.join(logs, 'tea'))}
+    killed = subprocess.Popen([sys.executable] + two_ranks(killed_dir, '--ckpt-every', '1', '--keep', '100'),
+                              cwd=HERE, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        assert wait_for(lambda: (latest_step(killed_dir) or 0) >= 2, 120, killed), 'the 2-rank run saved nothing'
+        os.killpg(killed.pid, signal.SIGKILL)                  # launcher and both ranks at once
+        killed.wait(30)
+        killed_at = latest_step(killed_dir)
+        assert 2 <= killed_at < N, f'killed at step {killed_at}: the run ended before it could be killed'
+        rc, _, err = run_cli(torchrun('--nnodes', '1', '--rdzv-backend', 'c10d', '--rdzv-endpoint',
+                                      f'127.0.0.1:{free_port()}', '--rdzv-id', 'decm', *distill, '--accum', '2',
+                                      '--out', killed_dir, '--ckpt-every', '1', '--keep', '100', '--resume', 'auto'))
+        assert rc == 0, err
+        for name, p in procs.items():
+            assert p.wait(240) == 0, read(os.path.join(logs, name + '.err'))
+    finally:
+        for p in list(procs.values()) + [killed]:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+    # train.py, 1 process: the student is the teacher file's architecture, started from its 'ema' weights
+    single = torch.load(train.latest_checkpoint(single_dir), weights_only=True)
+    assert single['model_config'] == dict(preset='tiny', in_channels=32, input_size=4, num_classes=10, s_embed=True)
+    assert torch.equal(single['stats']['mean'], stats['mean']) and torch.equal(single['stats']['std'], stats['std'])
+    file = torch.load(tea, weights_only=True)
+    from_ema = max((single['model'][k] - file['ema'][k]).abs().max().item() for k in file['ema'])
+    from_model = max((single['model'][k] - file['model'][k]).abs().max().item() for k in file['ema'])
+    assert 0 < from_ema < 0.02 < from_model, (from_ema, from_model)   # 2 steps of lr 1e-3 from 'ema'
+
+    # torchrun, SIGKILL, --resume auto (rendezvous form): bit for bit the uninterrupted 2-rank run
+    a = torch.load(train.latest_checkpoint(ref_dir), weights_only=True)
+    b = torch.load(train.latest_checkpoint(killed_dir), weights_only=True)
+    assert a['step'] == b['step'] == N and a['data_pos'] == b['data_pos'] == N
+    for part in ('model', 'ema', 'opt'):
+        assert_bit_equal(a[part], b[part], f'{part} (killed at step {killed_at})')
+
+    # sample.py from the DE-CM run (torchrun, 2 ranks): the latents the decoder gets are the sampler's x std + mean
+    rc, out, err = run_cli(torchrun('--master_port', str(free_port()), 'sample.py', '--ckpt', killed_dir, '--nfe',
+                                    '2', '--num-samples', '4', '--batch', '1', '--vae', vae_file, '--out',
+                                    os.path.join(root, 's_decm')))
+    assert rc == 0, err
+    npz = os.path.join(root, 's_decm', 'samples.npz')
+    fid_cli = subprocess.Popen([sys.executable, 'fid.py', npz, ref, '--inception', weights], cwd=HERE, env=ENV,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        torch.set_num_threads(1)                               # the subprocesses' arithmetic
+        for folder, ckpt, sampler, nfe, preset, flags in [
+                ('s_decm', killed_dir, 'cm', 2, 'XL/1', {}),
+                ('s_tea', tea, 'teacher', 3, 'tiny', dict(cfg=4.0, cfg_interval_start=0.125, shift=0.3, cfg_channels=3))]:
+            with np.load(os.path.join(root, folder, 'samples.npz')) as f:
+                images, labels = f['arr_0'], f['arr_1']
+            x, y = sampled_in_process(ckpt, sampler, nfe, 4, 1 if folder == 's_decm' else 2, preset, **flags)
+            want, normalised = decoded_in_process(vae, x, stats)
+            assert images.shape == (4, 64, 64, 3) and np.array_equal(labels, y.numpy())
+            diff = np.abs(images.astype(int) - want.astype(int))
+            assert diff.max() <= 1 and diff.mean() < 0.01, (folder, diff.max(), diff.mean())
+            assert np.abs(images.astype(int) - normalised.astype(int)).mean() > 5, folder   # it would show
+        # fid.py: the FID it prints is fid.py's functions on the same arrays (the .npz's images, ADM's mu, sigma)
+        with np.load(npz) as f:
+            mu, sigma = fid.inception_stats(f['arr_0'], fid.load_inception(weights), batch_size=50)
+        want = fid.frechet_distance(mu, sigma, ref_mu, ref_sigma)
+        out, err = fid_cli.communicate(timeout=240)
+    finally:
+        torch.set_num_threads(2)
+        if fid_cli.poll() is None:
+            fid_cli.kill()
+            fid_cli.wait()
+    assert fid_cli.returncode == 0, err
+    printed = float(re.search(r'FID: (-?\d+\.\d+)', out).group(1))
+    assert abs(printed - want) <= 5e-5 + 1e-6 * abs(want), (printed, want)
