@@ -14,7 +14,9 @@ Runs on CPU or CUDA (bf16 autocast for the network passes, JVPs in fp32, TF32 on
 DistributedDataParallel: DDP's hooks are armed only by its own forward, so a loss on the primal of a
 torch.func.jvp of `model.module` would skip the all-reduce with no error, and a jvp through the wrapper
 needs broadcast_buffers=False. One flat all-reduce after backward is explicit and test_all.py proves it
-equal to a single-process step on the concatenated batch.
+equal to a single-process step on the concatenated batch. `--accum K` runs each update on K micro-batches in
+turn (gradient accumulation, for batches whose activations do not fit): the update is the same as on the
+whole batch, since every loss is a mean over samples and the random draws are made for the whole batch.
 
 Checkpoints (`{model, ema, opt, args, step, rng, data_pos}`) are written atomically (temporary file,
 fsync, rename) with a `latest` pointer; `--resume auto` continues bit-exactly (RNG and data position
