@@ -1636,6 +1636,27 @@ def test_sample_teacher_file_denormalises_with_latent_stats(tmp_path):
     assert_one_error(*done['preset'][::2], must=('--preset small',), what='a wrong --preset')
 
 
+def test_imagenet_flags_refuse_bad_input(tmp_path):
+    """One `error:` line and exit 2 for: a --preset that is not the teacher file's (train.py and sample.py), an
+    --accum that does not divide the batch, statistics of the wrong channel count, a negative --cfg-channels."""
+    tea, data = str(tmp_path / 'tea.pt'), str(tmp_path / 'latents')
+    lightningdit_file(tea)
+    imagenet_latents(data, shards=(8,))
+    torch.save({'mean': torch.zeros(1, 4, 1, 1), 'std': torch.ones(1, 4, 1, 1)}, tmp_path / 'stats4.pt')
+    fit = ['train.py', '--data', data, '--teacher', tea, '--steps', '1', '--out', tmp_path / 'run']
+    show = ['sample.py', '--ckpt', tea, '--num-samples', '2', '--out', tmp_path / 's']
+    cases = {'train --preset': (fit + ['--preset', 'small', '--batch', '4'], ('--preset small',)),
+             'train --preset default': (fit + ['--batch', '4'], ('--preset XL/1',)),
+             'train --accum': (fit + ['--preset', 'tiny', '--batch', '8', '--accum', '3'], ('--accum 3',)),
+             'sample --latent-stats': (show + ['--preset', 'tiny', '--latent-stats', tmp_path / 'stats4.pt'],
+                                       ('--latent-stats', '4 channels')),
+             'sample --cfg-channels': (show + ['--preset', 'tiny', '--cfg-channels', '-1'], ('--cfg-channels',))}
+    with ThreadPoolExecutor(2) as pool:
+        done = dict(zip(cases, pool.map(lambda c: run_cli(c[0]), cases.values())))
+    for name, (rc, _, err) in done.items():
+        assert_one_error(rc, err, must=cases[name][1], what=name)
+
+
 def free_port():
     import socket
     with socket.socket() as s:
