@@ -257,7 +257,7 @@ def main(argv=None):
     A('--preset', default='XL/1', choices=list(PRESETS), help='architecture of a LightningDiT-format --ckpt '
       '(its file does not name it; default: the released XL/1); our checkpoints carry their own')
     A('--latent-stats', default=None, help='latents_stats.pt (mean, std) to de-normalise the samples of a '
-      'checkpoint that carries none (a LightningDiT file); our checkpoints carry theirs')
+      'checkpoint that carries none (a LightningDiT file); our checkpoints carry theirs (this replaces them)')
     A('--vae', default=None, help='VA-VAE file (vavae-imagenet256-f16d32-dinov2.pt): decode latents to images')
     A('--out', default='samples', help='output folder: grid.png and samples.npz')
     A('--fd-ref', default=None, help="pixel FD against a data folder ('builtin' for the built-in digits)")
