@@ -2129,3 +2129,10 @@ def test_end_to_end_imagenet_format(tmp_path, weights):
     assert fid_cli.returncode == 0, err
     printed = float(re.search(r'FID: (-?\d+\.\d+)', out).group(1))
     assert abs(printed - want) <= 5e-5 + 1e-6 * abs(want), (printed, want)
+
+
+def test_ema_warmup_decay():
+    a = train.parse_args(['--ema', '0.995', '--ema-warmup'])
+    assert [train.ema_decay(k, a) for k in (0, 10, 90)] == pytest.approx([0.1, 11 / 20, 91 / 100])
+    assert train.ema_decay(5000, a) == 0.995                           # capped at --ema
+    assert train.ema_decay(0, train.parse_args(['--ema', '0.995'])) == 0.995   # off: Alg. 1's constant

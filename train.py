@@ -207,7 +207,13 @@ def all_reduce_grads(params, world):
         p.grad = g.view_as(p)
 
 
-def update(loss_of, model, ema, opt, args, world):
+def ema_decay(step, args):
+    """EMA decay at iteration `step` (0-based): --ema, or with --ema-warmup min(--ema, (1 + step) / (10 + step)),
+    so that the average forgets the weights it started from (the teacher's) within a short run."""
+    return min(args.ema, (1 + step) / (10 + step)) if args.ema_warmup else args.ema
+
+
+def update(loss_of, model, ema, opt, args, world, decay=None):
     """Alg.1 l.15 / l.28: F_theta, F_ema <- update(F_theta, loss). loss_of(k) builds the loss of micro-batch
     k of `--accum` equal parts; each is backpropagated before the next is built (only one micro-batch of
     activations is alive), and the mean of their gradients is the full batch's (every loss is a mean
@@ -230,7 +236,7 @@ def update(loss_of, model, ema, opt, args, world):
     opt.step()
     with torch.no_grad():
         ema_params = [e for e, p in zip(ema.parameters(), model.parameters()) if p.requires_grad]
-        torch._foreach_lerp_(ema_params, params, 1 - args.ema)
+        torch._foreach_lerp_(ema_params, params, 1 - (args.ema if decay is None else decay))
     return loss, True
 
 
@@ -312,9 +318,9 @@ def train_step(student, ema, teacher, opt, batch, it, args, world, autocast, dra
 
     ok = True
     if 'cm' in names or 'fm' in names:
-        ok &= update(cm_fm_loss, student, ema, opt, args, world)[1]    # l.15
+        ok &= update(cm_fm_loss, student, ema, opt, args, world, ema_decay(it, args))[1]    # l.15
     if 'n2n' in names and it % args.freq == 0:                 # l.17
-        ok &= update(n2n_fm_loss, student, ema, opt, args, world)[1]   # l.28
+        ok &= update(n2n_fm_loss, student, ema, opt, args, world, ema_decay(it, args))[1]   # l.28
     return log, ok
 
 
@@ -418,6 +424,8 @@ def parse_args(argv=None):
     A('--beta2', type=float, default=0.95, help="AdamW beta2 (LightningDiT's 0.95)")
     A('--weight-decay', type=float, default=0.0, help='AdamW weight decay')
     A('--ema', type=float, default=0.995, help='EMA decay per update (0.9999 for long GPU runs)')
+    A('--ema-warmup', action='store_true', help='EMA decay min(--ema, (1 + step) / (10 + step)): the average '
+      'forgets its starting weights early (for short runs; off: the constant decay of Alg. 1)')
     A('--freq', type=int, default=3, help='N2N update every freq iterations (paper: 3)')
     A('--schedule', default='uniform-seg', choices=['uniform-seg', 'logit-normal', 'arctan'],
       help='distribution of t (Table 3 (j)-(l))')
