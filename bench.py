@@ -440,6 +440,9 @@ STUDY = [
     ('w2-0.5', 'w2 = 0.5', ['--w2', '0.5']),
     ('freq1', 'N2N every iteration', ['--freq', '1']),
     ('b256-lr1e-3', 'batch 256, lr 1e-3', ['--batch', '256', '--lr', '1e-3']),
+    ('lr1e-3-emawarm', 'lr 1e-3, EMA warm-up', ['--lr', '1e-3', '--ema-warmup']),
+    ('lr1e-3-emawarm-facm', 'lr 1e-3, EMA warm-up, facm', ['--lr', '1e-3', '--ema-warmup', '--w1-power', '0.5',
+                                                            '--g-clip', '1', '--cm-weight', 'cos']),
     ('b256-lr2e-3', 'batch 256, lr 2e-3', ['--batch', '256', '--lr', '2e-3']),
     ('b256-lr1e-3-facm', 'batch 256, lr 1e-3, facm', ['--batch', '256', '--lr', '1e-3', '--w1-power', '0.5',
                                                       '--g-clip', '1', '--cm-weight', 'cos']),
@@ -470,6 +473,8 @@ def study_one(a, name, seed, teacher_ckpt, dev):
         model, stats, _ = sample.load_model(out, dev)
         evals[str(step)] = {f'{smp}{nfe}': float(fd_of(model, stats, smp, nfe, real, a.n, None, seed, dev)[0])
                             for smp, nfe in (('cm', 1), ('cm', 2), ('mix', 4))}
+        raw, _, _ = sample.load_model(out, dev, use='model')   # the weights without the EMA, CM 1 NFE
+        evals[str(step)]['cm1_raw'] = float(fd_of(raw, stats, 'cm', 1, real, a.n, None, seed, dev)[0])
         os.makedirs(out, exist_ok=True)
         write_atomic(evals_path, json.dumps(evals, indent=1))
 
@@ -520,7 +525,7 @@ def study_report(a, names, failed=()):
              '| configuration | flags | step | CM 1 NFE | CM 2 NFE | Mix 4 NFE |', '|---|---|---|---|---|---|']
     curves = {k: {} for k in ('cm1', 'cm2', 'mix4')}
     every = ['', '## Every run', '', '| configuration | seed | step | FD CM 1 | FD CM 2 | FD Mix 4 | ratio CM 1 | '
-             'ratio CM 2 | ratio Mix 4 |', '|---|---|---|---|---|---|---|---|---|']
+             'ratio CM 2 | ratio Mix 4 | FD CM 1 without the EMA |', '|---|---|---|---|---|---|---|---|---|---|']
     summary = []
     for n in names:
         ev = {s: load_json(os.path.join(a.runs, f'{n}-s{s}', 'evals.json')) for s in a.seeds}
@@ -529,8 +534,9 @@ def study_report(a, names, failed=()):
             for st in a.eval_at:
                 e = ev[s].get(str(st))
                 if e and ref[s]:
+                    raw = f'{e["cm1_raw"]:.2f}' if 'cm1_raw' in e else '-'
                     every.append(f'| {n} | {s} | {st} | {e["cm1"]:.2f} | {e["cm2"]:.2f} | {e["mix4"]:.2f} | '
-                                 f'{e["cm1"] / ref[s]:.3f} | {e["cm2"] / ref[s]:.3f} | {e["mix4"] / ref[s]:.3f} |')
+                                 f'{e["cm1"] / ref[s]:.3f} | {e["cm2"] / ref[s]:.3f} | {e["mix4"] / ref[s]:.3f} | {raw} |')
         for k in curves:
             curves[k][n] = [(st, mean_sd([ev[s][str(st)][k] / ref[s] for s in a.seeds])[0]) for st in steps]
         if steps:

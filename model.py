@@ -19,7 +19,6 @@ import math
 import os
 import pickle
 import re
-import tempfile
 from collections.abc import Mapping
 
 import numpy as np
@@ -278,7 +277,7 @@ def count_params(model):
 
 
 # ----------------------------------------------------------------------------
-# VA-VAE (f16d32) decoder: latents -> images, plus ADM-style .npz writing.
+# VA-VAE (f16d32) decoder: latents -> images.
 #
 # Architecture = the LDM KL-autoencoder decoder with the VA-VAE f16d32 settings
 # (tokenizer/configs/vavae_f16d32.yaml ddconfig): ch 128, ch_mult (1,1,2,2,4),
@@ -530,40 +529,3 @@ def decode_to_uint8(decoder, z):
     x = decoder(z.to(device=p.device, dtype=p.dtype)).float()
     x = torch.clamp(127.5 * x + 128.0, 0, 255)
     return x.permute(0, 2, 3, 1).to(torch.uint8).contiguous()
-
-
-def write_adm_npz(path, images_uint8_nhwc, labels=None):
-    """Write an ADM-style sample file: arr_0 = uint8 images (N, H, W, C); arr_1 = int64 labels (N,) if given.
-
-    Written to a temporary file in the destination folder and moved into place with os.replace,
-    so readers never see a half-written file.
-    """
-    imgs = images_uint8_nhwc
-    if torch.is_tensor(imgs):
-        imgs = imgs.detach().cpu().numpy()
-    imgs = np.asarray(imgs)
-    if imgs.dtype != np.uint8 or imgs.ndim != 4 or imgs.shape[-1] not in (1, 3):
-        raise ValueError(f"write_adm_npz: expected uint8 NHWC images, got dtype {imgs.dtype} shape {imgs.shape}")
-    arrays = {"arr_0": np.ascontiguousarray(imgs)}
-    if labels is not None:
-        if torch.is_tensor(labels):
-            labels = labels.detach().cpu().numpy()
-        labels = np.asarray(labels).astype(np.int64).reshape(-1)
-        if labels.shape[0] != imgs.shape[0]:
-            raise ValueError(f"write_adm_npz: {labels.shape[0]} labels for {imgs.shape[0]} images")
-        arrays["arr_1"] = labels
-
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".npz", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

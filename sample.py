@@ -9,22 +9,29 @@ of the network.
   steps from there. The paper leaves the switch open; our defaults (half of the NFE deterministic,
   switch at t = 0.5) were picked on the built-in dataset (README).
 - Teacher: Euler with classifier-free guidance (one batched cond + uncond call per step), with
-  LightningDiT's CFG interval and timestep shift t' = shift t / (1 + (shift - 1) t).
+  LightningDiT's CFG interval and timestep shift t' = shift t / (1 + (shift - 1) t) on the nfe + 1 grid
+  points i / nfe: LightningDiT's `num_sampling_steps` K counts grid points (linspace(0, 1, K), K - 1
+  Euler steps), so its K = 250 is our --nfe 249. `--cfg-channels 3` guides only the first three
+  channels, as LightningDiT's `forward_with_cfg` does (our default guides all, see teacher.py).
 
-Writes OUT/grid.png (one row per class) and OUT/samples.npz: for 1- or 3-channel data (pixels) or with
-`--vae`, ADM-style `arr_0` (uint8 NHWC images) and `arr_1` (labels); without `--vae` on latents, the
-de-normalised `latents` and `labels`. Under torchrun the samples are split over ranks (noise seeded per
-batch, so the result does not depend on the number of ranks) and gathered into one .npz.
+Samples are de-normalised, x * std + mean, with the latent statistics our checkpoints carry, or for a
+LightningDiT file (which carries none) with `--latent-stats latents_stats.pt`. Writes OUT/grid.png (one
+row per class) and OUT/samples.npz: for 1- or 3-channel data (pixels) or with `--vae`, ADM-style `arr_0`
+(uint8 NHWC images) and `arr_1` (labels); without `--vae` on latents, the de-normalised `latents` and
+`labels` (`latents_normalised` when no statistics are known; `--vae` then refuses to decode). Under
+torchrun the samples are split over ranks (`--batch` per rank; noise seeded per batch, so the result
+does not depend on the number of ranks) and gathered into one .npz.
 """
 import os
 import sys
+import tempfile
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from model import DiT, load_dit_state, write_adm_npz
+from model import DiT, PRESETS, load_dit_state
 from teacher import load_teacher, cfg_velocity, teacher_velocity, read_checkpoint, resolve_checkpoint
 from train import cli_parser, bounded, device_flag, set_threads, LatentFolder, BUILTIN_DIR
 
@@ -73,20 +80,28 @@ def mix_sampler(model, z, y, nfe, det_steps=None, t_switch=0.5, gen=None):
     return cm_sampler(model, x, y, n_cm, gen, [t0 + (1 - t0) * i / n_cm for i in range(n_cm)])
 
 
-@torch.no_grad()
-def teacher_sampler(teacher, z, y, nfe, w_cfg=1.0, cfg_interval_start=0.0, shift=0.0, guidance='cfg', eta=0.05):
-    """The teacher's Euler ODE (one batched cond+uncond call per step). guidance 'cfg': plain CFG
-    v_u + w (v_c - v_u); 'apg': the very velocity DE-CM distils (teacher.teacher_velocity, Alg.1 l.6,
-    same w_cfg and eta as train.py), the fair baseline of a distilled student."""
+def teacher_times(nfe, shift=0.0):
+    """The nfe + 1 grid points of the teacher sampler: i / nfe, then the timestep shift (if > 0)
+    t' = shift t / (1 + (shift - 1) t), which keeps 0 and 1 and packs the points towards the noise."""
     ts = torch.linspace(0, 1, nfe + 1)
     if shift > 0:
         ts = shift * ts / (1 + (shift - 1) * ts)
+    return ts
+
+
+@torch.no_grad()
+def teacher_sampler(teacher, z, y, nfe, w_cfg=1.0, cfg_interval_start=0.0, shift=0.0, cfg_channels=0,
+                    guidance='cfg', eta=0.05):
+    """The teacher's Euler ODE (one batched cond+uncond call per step) on teacher_times. guidance 'cfg':
+    plain CFG v_u + w (v_c - v_u); 'apg': the very velocity DE-CM distils (teacher.teacher_velocity,
+    Alg.1 l.6, same w_cfg and eta as train.py), the fair baseline of a distilled student."""
+    ts = teacher_times(nfe, shift)
     x = z
     for t, t_next in zip(ts[:-1].tolist(), ts[1:].tolist()):
         if guidance == 'apg':
             v = teacher_velocity(teacher, x, full(x, t), y, w_cfg=w_cfg, eta=eta, vnorm=True)
         else:
-            v = cfg_velocity(teacher, x, full(x, t), y, w_cfg, cfg_interval_start)
+            v = cfg_velocity(teacher, x, full(x, t), y, w_cfg, cfg_interval_start, cfg_channels)
         x = x + (t_next - t) * v
     return x
 
@@ -103,7 +118,7 @@ def run_sampler(model, name, z, y, nfe, gen=None, args=None):
     get = lambda k, d: getattr(args, k, d) if args is not None else d
     if model.s_embedder is None or name == 'teacher':
         return teacher_sampler(model, z, y, nfe, get('cfg', 1.0), get('cfg_interval_start', 0.0), get('shift', 0.0),
-                               get('guidance', 'cfg'), get('eta', 0.05))
+                               get('cfg_channels', 0), get('guidance', 'cfg'), get('eta', 0.05))
     if name == 'euler':
         return euler_sampler(model, z, y, nfe)
     if name == 'cm':
@@ -158,6 +173,43 @@ def save_grid(path, images_nhwc, labels, per_row=10, max_rows=10):
     os.replace(tmp, path)
 
 
+def write_adm_npz(path, images_uint8_nhwc, labels=None):
+    """Write an ADM-style sample file: arr_0 = uint8 images (N, H, W, C); arr_1 = int64 labels (N,) if given.
+
+    Written to a temporary file in the destination folder and moved into place with os.replace,
+    so readers never see a half-written file.
+    """
+    imgs = images_uint8_nhwc
+    if torch.is_tensor(imgs):
+        imgs = imgs.detach().cpu().numpy()
+    imgs = np.asarray(imgs)
+    if imgs.dtype != np.uint8 or imgs.ndim != 4 or imgs.shape[-1] not in (1, 3):
+        raise ValueError(f'write_adm_npz: expected uint8 NHWC images, got dtype {imgs.dtype} shape {imgs.shape}')
+    arrays = {'arr_0': np.ascontiguousarray(imgs)}
+    if labels is not None:
+        if torch.is_tensor(labels):
+            labels = labels.detach().cpu().numpy()
+        labels = np.asarray(labels).astype(np.int64).reshape(-1)
+        if labels.shape[0] != imgs.shape[0]:
+            raise ValueError(f'write_adm_npz: {labels.shape[0]} labels for {imgs.shape[0]} images')
+        arrays['arr_1'] = labels
+
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix='.tmp_', suffix='.npz', dir=folder)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def save_npz(path, **arrays):
     """Latents (no --vae): written atomically, like the images' write_adm_npz."""
     tmp = path + '.tmp.npz'
@@ -165,17 +217,30 @@ def save_npz(path, **arrays):
     os.replace(tmp, path)
 
 
-def load_model(path, device='cpu', use='ema'):
-    """Our checkpoint (a file, a run folder or its `latest` pointer) or a LightningDiT teacher file.
-    Returns (model, latent stats or None, path)."""
+def load_model(path, device='cpu', use='ema', preset='XL/1'):
+    """Our checkpoint (a file, a run folder or its `latest` pointer) or a LightningDiT teacher file of
+    architecture `preset`. Returns (model, latent stats or None, path)."""
     path = resolve_checkpoint(path)
     ckpt = read_checkpoint(path)
     if isinstance(ckpt, dict) and 'model_config' in ckpt and 'ema' in ckpt:
         model = load_dit_state(DiT(**ckpt['model_config']), ckpt[use], path)
         stats = ckpt.get('stats')
     else:
-        model, stats = load_teacher(path), None
+        model, stats = load_teacher(path, preset), None
     return model.eval().requires_grad_(False).to(device), stats, path
+
+
+def load_latent_stats(path, channels):
+    """A latents_stats.pt (LightningDiT's extraction, or our latents folder): mean and std, (1, C, 1, 1)."""
+    if not os.path.isfile(path):
+        raise ValueError(f'--latent-stats {path}: no such file (give the latents_stats.pt of the latents folder)')
+    st = read_checkpoint(path)
+    if not isinstance(st, dict) or not {'mean', 'std'} <= set(st):
+        raise ValueError(f'--latent-stats {path}: not a latents_stats.pt (expected a dict with mean and std)')
+    mean, std = st['mean'].float().reshape(1, -1, 1, 1), st['std'].float().reshape(1, -1, 1, 1)
+    if mean.shape[1] != channels or std.shape[1] != channels:
+        raise ValueError(f'--latent-stats {path}: statistics of {mean.shape[1]} channels, the model has {channels}')
+    return {'mean': mean, 'std': std}
 
 
 def main(argv=None):
@@ -196,10 +261,16 @@ def main(argv=None):
     A('--cfg-interval-start', type=bounded(float, 0, 1), default=0.0,
       help='teacher sampler: guide only for t >= this, in [0, 1]')
     A('--shift', type=bounded(float, 0), default=0.0, help='teacher sampler: timestep shift (LightningDiT: 0.3; 0 = off)')
+    A('--cfg-channels', type=bounded(int, 0), default=0, help='teacher sampler: guide only the first N channels, the '
+      'others stay conditional (0: all, our default; 3: LightningDiT\'s forward_with_cfg, to reproduce its FID)')
     A('--num-samples', type=bounded(int, 2), default=1000, help='number of samples (labels cycle over the classes)')
-    A('--batch', type=bounded(int, 1), default=250, help='samples per network call')
+    A('--batch', type=bounded(int, 1), default=250, help='samples per network call, per rank under torchrun')
     A('--seed', type=bounded(int, 0), default=0, help='noise seed')
     A('--use', default='ema', choices=['ema', 'model'], help='which weights of our checkpoint')
+    A('--preset', default='XL/1', choices=list(PRESETS), help='architecture of a LightningDiT-format --ckpt '
+      '(its file does not name it; default: the released XL/1); our checkpoints carry their own')
+    A('--latent-stats', default=None, help='latents_stats.pt (mean, std) to de-normalise the samples of a '
+      'checkpoint that carries none (a LightningDiT file); our checkpoints carry theirs (this replaces them)')
     A('--vae', default=None, help='VA-VAE file (vavae-imagenet256-f16d32-dinov2.pt): decode latents to images')
     A('--out', default='samples', help='output folder: grid.png and samples.npz')
     A('--fd-ref', default=None, help="pixel FD against a data folder ('builtin' for the built-in digits)")
@@ -252,7 +323,12 @@ def run(args):
         raise ValueError(f'--out {args.out}: cannot create the folder ({e.strerror or e})')
     if not os.access(args.out, os.W_OK):
         raise ValueError(f'--out {args.out} is not writable')
-    model, stats, path = load_model(args.ckpt, device, args.use)
+    model, stats, path = load_model(args.ckpt, device, args.use, args.preset)
+    if args.latent_stats:
+        stats = load_latent_stats(args.latent_stats, model.in_channels)
+    if stats is None and args.vae:                             # never decode normalised latents
+        raise ValueError(f'--vae needs the latent statistics, and {path} carries none: give '
+                         f'--latent-stats latents_stats.pt (the one of the latents the model was trained on)')
     name = 'teacher' if model.s_embedder is None else args.sampler
     real = fd_reference(args, model) if args.fd_ref else None     # bad input fails here, before sampling
     if args.fid and not args.vae and model.in_channels not in (1, 3):
@@ -275,14 +351,14 @@ def run(args):
           f'= {calls / n_batches:g} per sample' + (' (each a batched cond+uncond pass)' if name == 'teacher'
                                                   and args.cfg != 1 else ''))
     if stats is not None:                                      # de-normalise: (z - mean) / std inverted
-        x = x * stats['std'] + stats['mean']
+        x = x * stats['std'].float() + stats['mean'].float()
     npz = os.path.join(args.out, 'samples.npz')
     if args.vae:
         from model import load_vavae_decoder, decode_to_uint8
         vae = load_vavae_decoder(args.vae, device)
         images = torch.cat([decode_to_uint8(vae, x[i:i + 16].to(device)).cpu() for i in
                             tqdm(range(0, len(x), 16), desc='decoding', leave=False)])
-    elif x.shape[1] in (1, 3):                                 # pixel-space data (the built-in digits)
+    elif x.shape[1] in (1, 3) and stats is not None:           # pixel-space data (the built-in digits)
         images = to_uint8(x)
     else:
         images = None
@@ -290,6 +366,10 @@ def run(args):
         write_adm_npz(npz, images, labels=y)                 # ADM's format: arr_0 uint8 NHWC, arr_1
         save_grid(os.path.join(args.out, 'grid.png'), images, y)
         print(f'wrote {npz} and {os.path.join(args.out, "grid.png")}')
+    elif stats is None:
+        save_npz(npz, latents_normalised=x.numpy(), labels=y.numpy())
+        print(f'wrote {npz} (normalised latents: {path} carries no statistics; pass --latent-stats to '
+              f'de-normalise them)')
     else:
         save_npz(npz, latents=x.numpy(), labels=y.numpy())
         print(f'wrote {npz} (latents; pass --vae to decode)')

@@ -13,11 +13,13 @@ With no teacher ("from scratch") the target is the straight-path velocity v = z_
 
 Guidance acts on all channels. (LightningDiT's own `forward_with_cfg` guides only the first three
 channels, a legacy of DiT's 4-channel latents kept "for reproducibility"; on 32-channel VA-VAE
-latents that is a bug, and we do not copy it.)
+latents that is a bug, and we do not copy it into distillation. The teacher's own sampler offers it
+as `cfg_channels=3`, to reproduce upstream's FID.)
 
 Checkpoints understood by `load_teacher`: ours (a dict with 'model', 'ema', 'args'; the EMA weights
-are used), LightningDiT's released files (a dict with 'ema' (and 'model', 'opt'), or a bare state
-dict; XL/1 on 32x16x16 VA-VAE latents, 1000 classes).
+are used), LightningDiT's files (a dict with 'model', 'ema', 'opt', 'config': the 'ema' weights are
+used; or a bare state dict). A LightningDiT file names no architecture: `preset` gives it (default
+XL/1, the released teacher); channels, latent size and classes are read from the weights' shapes.
 """
 import math
 import os
@@ -25,7 +27,7 @@ import re
 
 import torch
 
-from model import DiT, load_dit_state, describe_keys
+from model import DiT, PRESETS, load_dit_state, describe_keys
 
 
 def resolve_checkpoint(path):
@@ -60,9 +62,23 @@ def read_checkpoint(path):
         raise ValueError(f'cannot read checkpoint {path} safely (weights_only=True): {why}')
 
 
-def load_teacher(path, preset='XL/1', in_channels=32, input_size=16, num_classes=1000, device='cpu'):
-    """Build the teacher F_tea(x, t, y) from a checkpoint and freeze it. The preset and data
-    arguments are used only for LightningDiT files; our own checkpoints carry their config."""
+def lightningdit_config(sd, preset):
+    """DiT config of a LightningDiT state dict: the preset names depth, width, heads and patch (a file
+    does not say them); channels, classes and latent size come from the shapes of its weights."""
+    if preset not in PRESETS:
+        raise ValueError(f'--preset {preset}: unknown (choose from {", ".join(PRESETS)})')
+    in_channels = sd['x_embedder.proj.weight'].shape[1] if 'x_embedder.proj.weight' in sd else 32
+    tokens = sd['pos_embed'].shape[1] if 'pos_embed' in sd else 256
+    input_size = round(math.sqrt(tokens)) * PRESETS[preset]['patch']
+    num_classes = sd['y_embedder.embedding_table.weight'].shape[0] - 1   # the last row is the null class
+    return dict(preset=preset, in_channels=in_channels, input_size=input_size, num_classes=num_classes,
+                s_embed=any(k.startswith('s_embedder.') for k in sd))
+
+
+def load_teacher(path, preset='XL/1', in_channels=None, input_size=None, num_classes=None, device='cpu'):
+    """Build the teacher F_tea(x, t, y) from a checkpoint and freeze it. `preset` (and, to override what
+    the weights' shapes say, the data arguments) are used only for LightningDiT files; our own
+    checkpoints carry their config."""
     path = resolve_checkpoint(path)
     ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict):
@@ -75,8 +91,14 @@ def load_teacher(path, preset='XL/1', in_channels=32, input_size=16, num_classes
         sd = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in sd.items()}
         if 'y_embedder.embedding_table.weight' not in sd:
             raise ValueError(f'{path} is not a teacher checkpoint (it looks like {describe_keys(sd.keys())})')
-        cfg = dict(preset=preset, in_channels=in_channels, input_size=input_size, num_classes=num_classes)
-        cfg['s_embed'] = any(k.startswith('s_embedder.') for k in sd)
+        cfg = lightningdit_config(sd, preset)
+        given = dict(in_channels=in_channels, input_size=input_size, num_classes=num_classes)
+        cfg.update({k: v for k, v in given.items() if v is not None})
+        try:
+            model = load_dit_state(DiT(**cfg), sd, path)
+        except ValueError as e:
+            raise ValueError(f'{e}; is --preset {preset} the architecture of this LightningDiT file?')
+        return model.eval().requires_grad_(False).to(device)
     model = load_dit_state(DiT(**cfg), sd, path)
     model.eval().requires_grad_(False)
     return model.to(device)
@@ -101,13 +123,17 @@ def teacher_velocity(teacher, x, t, y, z=None, x_ref=None, w_cfg=1.0, eta=1.0, v
 
 
 @torch.no_grad()
-def cfg_velocity(teacher, x, t, y, w_cfg, cfg_interval_start=0.0):
+def cfg_velocity(teacher, x, t, y, w_cfg, cfg_interval_start=0.0, cfg_channels=0):
     """Plain CFG for the teacher's own Euler sampler: v_u + w (v_c - v_u), for t >= cfg_interval_start
-    (LightningDiT's CFG interval; below it the conditional velocity alone)."""
+    (LightningDiT's CFG interval; below it the conditional velocity alone). cfg_channels=0 guides every
+    channel (ours); cfg_channels=k guides only the first k and leaves the others conditional (k = 3 is
+    LightningDiT's `forward_with_cfg`, needed only to reproduce its published numbers)."""
     if w_cfg == 1.0:
         return teacher(x, t, None, y)
     null = torch.full_like(y, teacher.num_classes)
     v_c, v_u = teacher(torch.cat([x, x]), torch.cat([t, t]), None, torch.cat([y, null])).chunk(2)
     guided = v_u + w_cfg * (v_c - v_u)
+    if cfg_channels > 0:                                       # upstream's rule: the rest stays conditional
+        guided = torch.cat([guided[:, :cfg_channels], v_c[:, cfg_channels:]], dim=1)
     on = (t >= cfg_interval_start).view(-1, *[1] * (x.dim() - 1))
     return torch.where(on, guided, v_c)

@@ -3,6 +3,7 @@
 Formulas are checked against finite differences in float64 on a model with random non-zero weights
 (with adaLN-Zero init every tangent would be exactly 0 and any formula would pass).
 """
+import argparse
 import collections
 import copy
 import json
@@ -192,7 +193,7 @@ def test_xl1_names_and_shapes_match_lightningdit():
         m = DiT('XL/1', in_channels=32, input_size=16, num_classes=1000, s_embed=False)
     ours = {k: tuple(v.shape) for k, v in m.state_dict().items()}
     theirs = {}
-    for line in open(os.path.join(HERE, 'lightningdit_xl1_params.txt')):
+    for line in open(os.path.join(HERE, 'testdata', 'lightningdit_xl1_params.txt')):
         if line.strip() and not line.startswith('#'):
             name, shape = line.rstrip('\n').split('\t')
             theirs[name] = tuple(int(s) for s in shape.split(','))
@@ -476,7 +477,8 @@ def test_torchrun_sample_shards_into_one_npz(teacher_ckpt, tmp_path):
 
 
 # ----------------------------------------------------------------------------- VA-VAE decoder
-from model import VAVAEDecoder, decode_to_uint8, load_vavae_decoder, write_adm_npz  # noqa: E402
+from model import VAVAEDecoder, decode_to_uint8, load_vavae_decoder  # noqa: E402
+from sample import write_adm_npz  # noqa: E402
 
 SMALL = dict(ch=32)  # same topology as the release decoder, 4x narrower
 
@@ -1735,7 +1737,7 @@ def test_cuda_fused_adamw_and_ema_update(tf32):
             ps = [p for p in model.parameters() if p.requires_grad]
             loss = sum((p * c.to(dev)).sum() for p, c in zip(ps, coeffs))
             ema_before[dev] = [e.detach().clone() for e, p in zip(ema.parameters(), model.parameters()) if p.requires_grad]
-            assert train.update(loss, model, ema, opt, args, 1)[0]
+            assert train.update(lambda k: loss, model, ema, opt, args, 1)[1]
             new = [e for e, p in zip(ema.parameters(), model.parameters()) if p.requires_grad]
             for e0, e1, p in zip(ema_before[dev], new, ps):            # EMA <- 0.9 EMA + 0.1 theta
                 assert torch.allclose(e1, 0.9 * e0 + 0.1 * p.detach(), atol=1e-6)
@@ -1745,7 +1747,7 @@ def test_cuda_fused_adamw_and_ema_update(tf32):
     model, ema, opt = models[GPU]
     snapshot = [t.clone() for t in list(model.state_dict().values()) + list(ema.state_dict().values())]
     loss = sum(p.sum() for p in model.parameters() if p.requires_grad) * float('nan')
-    assert not train.update(loss, model, ema, opt, args, 1)[0]
+    assert not train.update(lambda k: loss, model, ema, opt, args, 1)[1]
     now = list(model.state_dict().values()) + list(ema.state_dict().values())
     assert all(torch.equal(a, b) for a, b in zip(snapshot, now))
 
@@ -1785,6 +1787,355 @@ def test_bench_gpu_dry_run_on_cpu(tmp_path):
     assert 2 < cm / fwd < 8                                             # a JVP + backward: a few forwards
     md = (tmp_path / 'gpu.md').read_text()
     assert md.count('\n| ') == 1 + 9 and 'FLOP floor' in md and 'DE-CM iteration, freq 3 average, bf16 JVP' in md
+
+
+# ---- ImageNet path (end to end, accumulation, latent stats, presets)
+def test_accum_micro_batches_equal_one_batch(teacher_ckpt):
+    """--accum 4 (micro-batches of 4) equals one batch of 16, for both updates (CM+FM and N2N+FM at freq 1),
+    with the iteration's own random draws (z, t, r made for the whole batch): the N2N update runs on the
+    student the CM+FM update left, so one iteration checks both."""
+    results = {}
+    for K in (1, 4):
+        args, teacher, student, ema, opt = step_setup(teacher_ckpt, ['--freq', '1', '--accum', str(K)],
+                                                      dtype=torch.float64)
+        x, y, _ = fixed_batch(dtype=torch.float64)
+        sizes = []
+        hook = student.register_forward_hook(lambda m, i, o: sizes.append(i[0].shape[0]))
+        torch.manual_seed(7)                                   # the same draws for both K
+        logs = [train.train_step(student, ema, teacher, opt, (x, y), 0, args, 1,
+                                 torch.autocast('cpu', enabled=False))[0]]
+        hook.remove()
+        assert max(sizes) == 16 // K                           # K micro-batches, never the whole batch
+        results[K] = (student.state_dict(), ema.state_dict(), logs)
+    start = step_setup(teacher_ckpt, ['--freq', '1'], dtype=torch.float64)[2].state_dict()
+    (s1, e1, l1), (s4, e4, l4) = results[1], results[4]
+    moved = 0
+    for k in s1:
+        assert torch.allclose(s1[k], s4[k], rtol=1e-9, atol=1e-11), k
+        assert torch.allclose(e1[k], e4[k], rtol=1e-9, atol=1e-11), k
+        moved += not torch.equal(s1[k], start[k])
+    assert moved > 10
+    for a, b in zip(l1, l4):
+        assert a.keys() == b.keys() == {'cm', 'fm', 'n2n', 'fm2'}
+        assert all(torch.allclose(a[n], b[n], rtol=1e-6) for n in a), (a, b)   # losses are in float32
+
+
+def test_teacher_grid_is_lightningdits_250_points():
+    """LightningDiT (transport/integrators.py, configs/reproductions/*800ep*.yaml): num_sampling_steps K = 250
+    points u_i = i / (K - 1), shifted t_i = s u_i / (1 + (s - 1) u_i) with s = 0.3, Euler steps from t_i to
+    t_{i+1} with the velocity at t_i (K - 1 steps, the last one ends at t = 1). Our --nfe 249 must be that."""
+    K, s = 250, 0.3
+    u = np.arange(K, dtype=np.float64) / (K - 1)
+    theirs = s * u / (1 + (s - 1) * u)
+    ours = sample.teacher_times(K - 1, s)
+    assert len(ours) == K and ours[0] == 0 and ours[-1] == 1
+    assert np.abs(ours.double().numpy() - theirs).max() < 1e-6
+    # the sampler steps on that grid (shorter here: K = 26, --nfe 25): velocity at t_i, the last step ends at 1
+    K = 26
+    u = np.arange(K, dtype=np.float64) / (K - 1)
+    theirs = s * u / (1 + (s - 1) * u)
+    m = random_dit(s_embed=False, dtype=torch.float64, size=4)
+    seen = []
+    hook = m.register_forward_hook(lambda mod, i, o: seen.append((i[0].clone(), i[1][0].item(), o.clone())))
+    z, y = torch.randn(1, 1, 4, 4, dtype=torch.float64), torch.tensor([3])
+    x = sample.teacher_sampler(m, z, y, K - 1, w_cfg=1.0, shift=s)
+    hook.remove()
+    assert len(seen) == K - 1 and np.abs(np.array([t for _, t, _ in seen]) - theirs[:-1]).max() < 1e-6
+    x_last, t_last, v_last = seen[-1]                          # the last step: from t_{K-2} to 1
+    assert torch.allclose(x, x_last + (1 - theirs[-2]) * v_last, atol=1e-12)
+
+
+def test_cfg_channels_guides_only_the_first_channels():
+    """--cfg-channels 3 is LightningDiT's forward_with_cfg: guide channels 0-2, the rest conditional; 0 guides
+    all; below the CFG interval every channel is conditional."""
+    from teacher import cfg_velocity
+    m = random_dit(s_embed=False, dtype=torch.float64, channels=5, size=4)
+    x, y = torch.randn(2, 5, 4, 4, dtype=torch.float64), torch.tensor([1, 4])
+    t = torch.tensor([0.5, 0.05], dtype=torch.float64)
+    v_c, v_u = m(x, t, None, y), m(x, t, None, torch.full_like(y, 10))
+    guided = v_u + 4.0 * (v_c - v_u)
+    all_ch = cfg_velocity(m, x, t, y, 4.0, cfg_interval_start=0.1)
+    three = cfg_velocity(m, x, t, y, 4.0, cfg_interval_start=0.1, cfg_channels=3)
+    assert torch.allclose(all_ch[0], guided[0]) and torch.allclose(all_ch[1], v_c[1])
+    assert torch.allclose(three[0, :3], guided[0, :3]) and torch.allclose(three[0, 3:], v_c[0, 3:])
+    assert torch.allclose(three[1], v_c[1]) and not torch.allclose(three[0], all_ch[0])
+
+
+def lightningdit_file(path, preset='tiny', channels=32, size=4, classes=10, seed=0):
+    """A teacher in LightningDiT's training-checkpoint format {'model', 'ema', 'opt', 'config'} with random
+    weights (non-zero adaLN); 'model' differs from 'ema', as after training. Returns the EMA network."""
+    ema = random_dit(s_embed=False, dtype=torch.float32, seed=seed, channels=channels, size=size, classes=classes,
+                     preset=preset)
+    sd = ema.state_dict()
+    g = torch.Generator().manual_seed(seed + 1)
+    raw = {k: v + 0.1 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in sd.items()}
+    config = {'model': {'model_type': f'LightningDiT-{preset}', 'in_chans': channels, 'use_swiglu': True,
+                        'use_rope': True, 'use_rmsnorm': True},
+              'data': {'image_size': 16 * size, 'num_classes': classes, 'latent_norm': True,
+                       'latent_multiplier': 1.0},
+              'train': {'global_batch_size': 1024}, 'optimizer': {'lr': 2e-4, 'beta2': 0.95}}
+    opt = torch.optim.AdamW(ema.parameters(), lr=2e-4).state_dict()
+    torch.save({'model': raw, 'ema': sd, 'opt': opt, 'config': config}, path)
+    return ema.eval()
+
+
+def imagenet_latents(root, shards=(24, 8), C=32, H=4, classes=10):
+    """LightningDiT's extract_features.py format: latents_rank00_shard00k.safetensors (latents, latents_flip,
+    labels) and latents_stats.pt with per-channel mean and std far from 0 and 1. Returns the statistics."""
+    from safetensors.torch import save_file
+    os.makedirs(root, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    mean = 5 + torch.arange(C).float().view(1, C, 1, 1) / C
+    std = 3 + torch.arange(C).float().view(1, C, 1, 1) / C
+    for k, n in enumerate(shards):
+        lat = torch.randn(n, C, H, H, generator=g) * std + mean
+        save_file({'latents': lat, 'latents_flip': lat.flip(-1), 'labels': torch.randint(0, classes, (n,), generator=g)},
+                  os.path.join(root, f'latents_rank00_shard{k:03d}.safetensors'))
+    stats = {'mean': mean, 'std': std}
+    torch.save(stats, os.path.join(root, 'latents_stats.pt'))
+    return stats
+
+
+def sampled_in_process(ckpt, sampler, nfe, n, batch, preset='XL/1', **flags):
+    """What sample.py --ckpt CKPT writes before decoding, computed here: the sampler's output (seed 0) and labels."""
+    model, _, _ = sample.load_model(ckpt, preset=preset)
+    xs, ys, _ = sample.generate(model, sampler, n, nfe, model.num_classes, 0, batch,
+                                args=argparse.Namespace(**flags), progress=False)
+    return torch.cat([xs[k] for k in sorted(xs)]), torch.cat([ys[k] for k in sorted(ys)])
+
+
+def test_sample_teacher_file_denormalises_with_latent_stats(tmp_path):
+    """sample.py on a LightningDiT-format file (--preset tiny): with --latent-stats the latents written are the
+    sampler's output x std + mean; without, they are written as normalised; --vae without statistics and a
+    wrong --preset exit 2 with one line."""
+    tea, st = str(tmp_path / 'tea.pt'), str(tmp_path / 'latents' / 'latents_stats.pt')
+    lightningdit_file(tea)
+    stats = imagenet_latents(str(tmp_path / 'latents'), shards=(2,))
+    common = ['sample.py', '--ckpt', tea, '--nfe', '2', '--num-samples', '4', '--batch', '2', '--cfg', '3']
+    runs = {'stats': common + ['--preset', 'tiny', '--latent-stats', st, '--out', tmp_path / 'a'],
+            'none': common + ['--preset', 'tiny', '--out', tmp_path / 'b'],
+            'vae': common + ['--preset', 'tiny', '--vae', tmp_path / 'vavae.pt', '--out', tmp_path / 'c'],
+            'preset': common + ['--preset', 'small', '--latent-stats', st, '--out', tmp_path / 'd']}
+    with ThreadPoolExecutor(2) as pool:
+        done = dict(zip(runs, pool.map(run_cli, runs.values())))
+    for k in ('stats', 'none'):
+        assert done[k][0] == 0, done[k][2]
+    x, y = sampled_in_process(tea, 'teacher', 2, 4, 2, preset='tiny', cfg=3.0)
+    a, b = np.load(tmp_path / 'a' / 'samples.npz'), np.load(tmp_path / 'b' / 'samples.npz')
+    assert np.allclose(a['latents'], (x * stats['std'] + stats['mean']).numpy(), atol=1e-4)
+    assert np.array_equal(a['labels'], y.numpy()) and 'latents' not in b.files
+    assert np.allclose(b['latents_normalised'], x.numpy(), atol=1e-5)
+    assert_one_error(*done['vae'][::2], must=('--vae', '--latent-stats'), what='--vae without statistics')
+    assert_one_error(*done['preset'][::2], must=('--preset small',), what='a wrong --preset')
+
+
+def test_imagenet_flags_refuse_bad_input(tmp_path):
+    """One `error:` line and exit 2 for: a --preset that is not the teacher file's (train.py and sample.py), an
+    --accum that does not divide the batch, statistics of the wrong channel count, a negative --cfg-channels."""
+    tea, data = str(tmp_path / 'tea.pt'), str(tmp_path / 'latents')
+    lightningdit_file(tea)
+    imagenet_latents(data, shards=(8,))
+    torch.save({'mean': torch.zeros(1, 4, 1, 1), 'std': torch.ones(1, 4, 1, 1)}, tmp_path / 'stats4.pt')
+    fit = ['train.py', '--data', data, '--teacher', tea, '--steps', '1', '--out', tmp_path / 'run']
+    show = ['sample.py', '--ckpt', tea, '--num-samples', '2', '--out', tmp_path / 's']
+    cases = {'train --preset': (fit + ['--preset', 'small', '--batch', '4'], ('--preset small',)),
+             'train --preset default': (fit + ['--batch', '4'], ('--preset XL/1',)),
+             'train --accum': (fit + ['--preset', 'tiny', '--batch', '8', '--accum', '3'], ('--accum 3',)),
+             'sample --latent-stats': (show + ['--preset', 'tiny', '--latent-stats', tmp_path / 'stats4.pt'],
+                                       ('--latent-stats', '4 channels')),
+             'sample --cfg-channels': (show + ['--preset', 'tiny', '--cfg-channels', '-1'], ('--cfg-channels',))}
+    with ThreadPoolExecutor(2) as pool:
+        done = dict(zip(cases, pool.map(lambda c: run_cli(c[0]), cases.values())))
+    for name, (rc, _, err) in done.items():
+        assert_one_error(rc, err, must=cases[name][1], what=name)
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def process_tree(pid):
+    """pid and all its descendants (from /proc): torchrun starts each rank in a session of its own, so killing
+    the launcher's process group would leave the ranks running."""
+    parents = {}
+    for d in os.listdir('/proc'):
+        try:
+            with open(f'/proc/{d}/stat') as f:
+                parents[int(d)] = int(f.read().rsplit(')', 1)[1].split()[1])
+        except (ValueError, OSError, IndexError):
+            continue
+    tree = [pid]
+    for p in tree:
+        tree += [c for c, pp in parents.items() if pp == p]
+    return tree
+
+
+def kill_tree(proc):
+    """SIGKILL a still-running process and its descendants (torchrun's ranks)."""
+    if proc.poll() is None:
+        for pid in process_tree(proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
+
+
+def run_tree(args, timeout=240):
+    """run_cli for torchrun: on a timeout the ranks are killed too."""
+    p = subprocess.Popen([sys.executable] + [str(a) for a in args], cwd=HERE, env=ENV, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    finally:
+        kill_tree(p)
+    return p.returncode, out, err
+
+
+def torchrun(*args):
+    return ['-m', 'torch.distributed.run', '--nproc_per_node', '2', *args]
+
+
+def adm_reference(path, n=6, size=64, seed=0):
+    """A reference batch in the format of ADM's VIRTUAL_imagenet256_labeled.npz: arr_0 (uint8 NHWC images),
+    mu, sigma (2048-d pool3 statistics; used as statistics, as ADM's evaluator does), mu_s, sigma_s (spatial
+    features). mu and sigma here are not the statistics of arr_0, so reading the images instead would show."""
+    rng = np.random.default_rng(seed)
+    b = rng.standard_normal((2048, 64))
+    np.savez(path, arr_0=random_images(n, size=size, seed=seed), mu=rng.uniform(0, 0.5, 2048),
+             sigma=b @ b.T / 640 + 0.01 * np.eye(2048), mu_s=np.zeros(2023), sigma_s=np.eye(2023))
+    with np.load(path) as f:
+        return f['mu'], f['sigma']
+
+
+def decoded_in_process(vae, x, stats):
+    """The decoder's images of the sampler output x: de-normalised (x std + mean), and not (for contrast)."""
+    with torch.no_grad():
+        return (decode_to_uint8(vae, x * stats['std'] + stats['mean']).numpy(),
+                decode_to_uint8(vae, x).numpy())
+
+
+def test_end_to_end_imagenet_format(tmp_path, weights):
+    """The ImageNet 256 chain of README.md through the CLIs, on files in the upstream formats made here (tiny
+    sizes: 32x4x4 latents, the tiny preset): a latents folder (2 shards, statistics far from 0 and 1) and a
+    LightningDiT-format teacher -> train.py (1 process) -> torchrun 2 ranks with --accum, SIGKILLed and resumed
+    in the multi-node (rendezvous) form, bit-equal to an uninterrupted 2-rank run -> sample.py (torchrun) from
+    the DE-CM run and from the teacher file with --vae (a release-format VA-VAE) -> fid.py against an ADM-format
+    reference with Inception weights in pytorch-fid's layout."""
+    root = str(tmp_path)
+    data, tea, vae_file, ref = (os.path.join(root, f) for f in ('latents', 'tea.pt', 'vavae.pt', 'ref.npz'))
+    stats_file = os.path.join(data, 'latents_stats.pt')
+    stats = imagenet_latents(data)
+    teacher = lightningdit_file(tea)
+    torch.manual_seed(0)
+    vae = VAVAEDecoder().eval()                                # the release architecture, random weights
+    _release_file(vae_file, vae)
+    ref_mu, ref_sigma = adm_reference(ref)
+    logs = os.path.join(root, 'logs')
+    os.makedirs(logs)
+    N = 10
+    # README's commands, up to sizes (--batch, --accum, --steps, --workers, --num-samples, --nfe) and paths
+    distill = ['train.py', '--data', data, '--teacher', tea, '--preset', 'tiny', '--batch', '8', '--lr', '1e-4',
+               '--freq', '3', '--p', '0.5', '--ema', '0.9999', '--w-cfg', '2', '--workers', '0', '--steps', str(N)]
+    two_ranks = lambda out, *extra: torchrun('--master_port', str(free_port()), *distill, '--accum', '2',
+                                             '--out', out, *extra)
+    ref_dir, killed_dir, single_dir = (os.path.join(root, d) for d in ('ref', 'killed', 'single'))
+    teacher_sample = ['sample.py', '--ckpt', tea, '--preset', 'tiny', '--latent-stats', stats_file, '--nfe', '3',
+                      '--cfg', '6.7', '--cfg-interval-start', '0.125', '--shift', '0.3', '--cfg-channels', '3',
+                      '--num-samples', '4', '--batch', '2', '--vae', vae_file, '--out', os.path.join(root, 's_tea')]
+    procs = {'single': popen_cli(distill[:-1] + ['2', '--out', single_dir], os.path.join(logs, 'single')),
+             'ref': popen_cli(two_ranks(ref_dir, '--ckpt-every', '1000'), os.path.join(logs, 'ref')),
+             'tea': popen_cli(teacher_sample, os.path.join(logs, 'tea'))}
+    killed = subprocess.Popen([sys.executable] + two_ranks(killed_dir, '--ckpt-every', '1', '--keep', '100'),
+                              cwd=HERE, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_for(lambda: (latest_step(killed_dir) or 0) >= 2, 120, killed), 'the 2-rank run saved nothing'
+        tree = process_tree(killed.pid)
+        assert len(tree) >= 3, f'expected the launcher and 2 ranks, found {tree}'
+        for pid in tree:                                       # launcher and both ranks, as a machine crash
+            os.kill(pid, signal.SIGKILL)
+        killed.wait(30)
+        assert wait_for(lambda: not any(alive(p) for p in tree[1:]), 30), 'a rank survived SIGKILL'
+
+        killed_at = latest_step(killed_dir)
+        assert 2 <= killed_at < N, f'killed at step {killed_at}: the run ended before it could be killed'
+        rc, _, err = run_tree(torchrun('--nnodes', '1', '--rdzv-backend', 'c10d', '--rdzv-endpoint',
+                                      f'127.0.0.1:{free_port()}', '--rdzv-id', 'decm', *distill, '--accum', '2',
+                                      '--out', killed_dir, '--ckpt-every', '1', '--keep', '100', '--resume', 'auto'))
+        assert rc == 0, err
+        for name, p in procs.items():
+            assert p.wait(240) == 0, read(os.path.join(logs, name + '.err'))
+    finally:
+        for p in list(procs.values()) + [killed]:
+            kill_tree(p)
+
+    # train.py, 1 process: the student is the teacher file's architecture, started from its 'ema' weights
+    single = torch.load(train.latest_checkpoint(single_dir), weights_only=True)
+    assert single['model_config'] == dict(preset='tiny', in_channels=32, input_size=4, num_classes=10, s_embed=True)
+    assert torch.equal(single['stats']['mean'], stats['mean']) and torch.equal(single['stats']['std'], stats['std'])
+    file = torch.load(tea, weights_only=True)
+    from_ema = max((single['model'][k] - file['ema'][k]).abs().max().item() for k in file['ema'])
+    from_model = max((single['model'][k] - file['model'][k]).abs().max().item() for k in file['ema'])
+    assert 0 < from_ema < 0.01 < from_model, (from_ema, from_model)   # 2 steps of lr 1e-4 from 'ema'
+
+    # torchrun, SIGKILL, --resume auto (rendezvous form): bit for bit the uninterrupted 2-rank run
+    a = torch.load(train.latest_checkpoint(ref_dir), weights_only=True)
+    b = torch.load(train.latest_checkpoint(killed_dir), weights_only=True)
+    assert a['step'] == b['step'] == N and a['data_pos'] == b['data_pos'] == N
+    for part in ('model', 'ema', 'opt'):
+        assert_bit_equal(a[part], b[part], f'{part} (killed at step {killed_at})')
+
+    # sample.py from the DE-CM run (torchrun, 2 ranks): the latents the decoder gets are the sampler's x std + mean
+    rc, out, err = run_tree(torchrun('--master_port', str(free_port()), 'sample.py', '--ckpt', killed_dir, '--nfe',
+                                    '2', '--num-samples', '4', '--batch', '1', '--vae', vae_file, '--out',
+                                    os.path.join(root, 's_decm')))
+    assert rc == 0, err
+    npz = os.path.join(root, 's_decm', 'samples.npz')
+    fid_cli = subprocess.Popen([sys.executable, 'fid.py', npz, ref, '--inception', weights], cwd=HERE, env=ENV,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        torch.set_num_threads(1)                               # the subprocesses' arithmetic
+        for folder, ckpt, sampler, nfe, preset, flags in [
+                ('s_decm', killed_dir, 'cm', 2, 'XL/1', {}),
+                ('s_tea', tea, 'teacher', 3, 'tiny', dict(cfg=6.7, cfg_interval_start=0.125, shift=0.3, cfg_channels=3))]:
+            with np.load(os.path.join(root, folder, 'samples.npz')) as f:
+                images, labels = f['arr_0'], f['arr_1']
+            x, y = sampled_in_process(ckpt, sampler, nfe, 4, 1 if folder == 's_decm' else 2, preset, **flags)
+            want, normalised = decoded_in_process(vae, x, stats)
+            assert images.shape == (4, 64, 64, 3) and np.array_equal(labels, y.numpy())
+            diff = np.abs(images.astype(int) - want.astype(int))
+            assert diff.max() <= 1 and diff.mean() < 0.01, (folder, diff.max(), diff.mean())
+            assert np.abs(images.astype(int) - normalised.astype(int)).mean() > 5, folder   # it would show
+        # fid.py: the FID it prints is the Frechet distance of fid.py's statistics of the .npz's images to ADM's
+        # mu, sigma. Computed here in closed form, not with a second 2048-d sqrtm (15 s): sigma = A A^T with
+        # A = (features - mu) / sqrt(n - 1), so tr sqrtm(sigma sigma_ref) = sum sqrt eig(A^T sigma_ref A).
+        inception = fid.load_inception(weights)
+        with np.load(npz) as f, torch.no_grad():
+            mu, sigma = fid.inception_stats(f['arr_0'], inception, batch_size=50)
+            feats = inception(fid.to_inception_input(f['arr_0'])).double().numpy()
+        A = (feats - feats.mean(0)).T / np.sqrt(len(feats) - 1)
+        assert np.allclose(mu, feats.mean(0), atol=1e-6) and np.allclose(sigma, A @ A.T, atol=1e-6)
+        lam = np.clip(np.linalg.eigvalsh(A.T @ ref_sigma @ A), 0, None)
+        want = (mu - ref_mu) @ (mu - ref_mu) + np.trace(sigma) + np.trace(ref_sigma) - 2 * np.sqrt(lam).sum()
+        out, err = fid_cli.communicate(timeout=240)
+    finally:
+        torch.set_num_threads(2)
+        if fid_cli.poll() is None:
+            fid_cli.kill()
+            fid_cli.wait()
+    assert fid_cli.returncode == 0, err
+    printed = float(re.search(r'FID: (-?\d+\.\d+)', out).group(1))
+    assert abs(printed - want) <= 5e-5 + 1e-6 * abs(want), (printed, want)
+
+
+def test_ema_warmup_decay():
+    a = train.parse_args(['--ema', '0.995', '--ema-warmup'])
+    assert [train.ema_decay(k, a) for k in (0, 10, 90)] == pytest.approx([0.1, 11 / 20, 91 / 100])
+    assert train.ema_decay(5000, a) == 0.995                           # capped at --ema
+    assert train.ema_decay(0, train.parse_args(['--ema', '0.995'])) == 0.995   # off: Alg. 1's constant
 
 
 # ---- run logging, evaluation, CLI checks

@@ -14,7 +14,9 @@ Runs on CPU or CUDA (bf16 autocast for the network passes, JVPs in fp32, TF32 on
 DistributedDataParallel: DDP's hooks are armed only by its own forward, so a loss on the primal of a
 torch.func.jvp of `model.module` would skip the all-reduce with no error, and a jvp through the wrapper
 needs broadcast_buffers=False. One flat all-reduce after backward is explicit and test_all.py proves it
-equal to a single-process step on the concatenated batch.
+equal to a single-process step on the concatenated batch. `--accum K` runs each update on K micro-batches in
+turn (gradient accumulation, for batches whose activations do not fit): the update is the same as on the
+whole batch, since every loss is a mean over samples and the random draws are made for the whole batch.
 
 Checkpoints (`{model, ema, opt, args, step, rng, data_pos}`) are written atomically (temporary file,
 fsync, rename) with a `latest` pointer; `--resume auto` continues bit-exactly (RNG and data position
@@ -207,24 +209,38 @@ def all_reduce_grads(params, world):
         p.grad = g.view_as(p)
 
 
-def update(loss, model, ema, opt, args, world):
-    """Alg.1 l.15 / l.28: F_theta, F_ema <- update(F_theta, loss). Returns (ok, gradient norm before
-    clipping); ok is False if the update was skipped (non-finite loss or gradient)."""
+def ema_decay(step, args):
+    """EMA decay at iteration `step` (0-based): --ema, or with --ema-warmup min(--ema, (1 + step) / (10 + step)),
+    so that the average forgets the weights it started from (the teacher's) within a short run."""
+    return min(args.ema, (1 + step) / (10 + step)) if args.ema_warmup else args.ema
+
+
+def update(loss_of, model, ema, opt, args, world, decay=None):
+    """Alg.1 l.15 / l.28: F_theta, F_ema <- update(F_theta, loss). loss_of(k) builds the loss of micro-batch
+    k of `--accum` equal parts; each is backpropagated before the next is built (only one micro-batch of
+    activations is alive), and the mean of their gradients is the full batch's (every loss is a mean
+    over samples). Returns (mean loss, updated?, gradient norm before clipping); an update is skipped if
+    it is non-finite."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    K = args.accum
+    loss = 0.0
+    for k in range(K):
+        part = loss_of(k)
+        (part / K if K > 1 else part).backward()
+        loss = loss + part.detach() / K if K > 1 else part.detach()
     if world > 1:
         all_reduce_grads(params, world)
     gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float('inf'))
     # the NaN guard: one host sync per update (the same decision on every rank: gradients are all-reduced)
-    if not (torch.isfinite(gnorm) and torch.isfinite(loss.detach())):
+    if not (torch.isfinite(gnorm) and torch.isfinite(loss)):
         opt.zero_grad(set_to_none=True)
-        return False, gnorm.detach()
+        return loss, False, gnorm.detach()
     opt.step()
     with torch.no_grad():
         ema_params = [e for e, p in zip(ema.parameters(), model.parameters()) if p.requires_grad]
-        torch._foreach_lerp_(ema_params, params, 1 - args.ema)
-    return True, gnorm.detach()
+        torch._foreach_lerp_(ema_params, params, 1 - (args.ema if decay is None else decay))
+    return loss, True, gnorm.detach()
 
 
 def draw(x_ref, args):
@@ -237,54 +253,83 @@ def draw(x_ref, args):
 def train_step(student, ema, teacher, opt, batch, it, args, world, autocast, draws=None):
     """One iteration of Algorithm 1 on a normalised batch (x_ref, y). Returns (log, ok): log holds the losses
     (cm, fm, n2n, fm2), the gradient norms before clipping of the two updates (grad_norm, grad_norm2) and
-    the number of skipped updates (skipped), all tensors; ok is False if an update was skipped."""
+    the number of skipped updates (skipped), all tensors; ok is False if an update was skipped.
+    With `--accum K` each update runs on K equal micro-batches in turn; the random draws are made for
+    the whole batch first, so the iteration is the same for every K (up to float rounding)."""
     x_ref, y = batch
     names = args.loss_set
     d = draws if draws is not None else draw(x_ref, args)
     if teacher is None and args.class_drop > 0:                # teacher training: CFG label dropout
         y = torch.where(d['drop'], torch.full_like(y, student.num_classes), y)
-    z, t = d['z'], d['t']                                      # l.2-3
-    x_t = (1 - losses.bcast(t, z)) * z + losses.bcast(t, z) * x_ref   # l.4
+    K, B = args.accum, x_ref.shape[0]
+    if B % K:
+        raise ValueError(f'--accum {K} does not divide the batch of {B} samples per rank')
+    parts = [slice(k * B // K, (k + 1) * B // K) for k in range(K)]
     vel = dict(w_cfg=args.w_cfg, eta=args.eta, vnorm=args.vnorm)
-    with torch.no_grad(), autocast:                            # l.5-6
-        v_t = teacher_velocity(teacher, x_t, t, y, z, x_ref, **vel).to(x_ref.dtype)
-    log, skipped = {}, 0
-    loss = 0.0
     jvp_dtype = JVP_DTYPES[args.jvp_dtype]
-    if 'cm' in names:                                          # l.8-11
-        log['cm'], _ = losses.cm_loss(student, x_t, t, y, v_t, args.w1, args.p, args.c, args.fused, jvp_dtype,
-                                      args.w1_power, args.g_clip, args.cm_weight)
-        loss = loss + log['cm']
-    if 'fm' in names:                                          # l.13-14
-        with autocast:
-            log['fm'] = losses.fm_loss(student, x_t, t, y, v_t, args.p, args.c)
-        loss = loss + log['fm']
-    if torch.is_tensor(loss):
-        ok, log['grad_norm'] = update(loss, student, ema, opt, args, world)   # l.15
-        skipped += not ok
-    if 'n2n' in names and it % args.freq == 0:                 # l.17
-        r = torch.minimum(d['r'], t)                           # l.18: r -> 0, r <= t
-        x_r = (1 - losses.bcast(r, z)) * z + losses.bcast(r, z) * x_ref   # l.19
+    log, inputs = {}, [None] * K
+
+    def add(name, value):                                      # the mean over micro-batches, for the bar
+        log[name] = value.detach() if K == 1 else log.get(name, 0.0) + value.detach() / K
+
+    def step_inputs(k):                                        # l.2-6 on micro-batch k, kept for l.17-27
+        if inputs[k] is None:
+            sl = parts[k]
+            z, t, xr = d['z'][sl], d['t'][sl], x_ref[sl]       # l.2-3
+            x_t = (1 - losses.bcast(t, z)) * z + losses.bcast(t, z) * xr   # l.4
+            with torch.no_grad(), autocast:                    # l.5-6
+                v_t = teacher_velocity(teacher, x_t, t, y[sl], z, xr, **vel).to(x_ref.dtype)
+            inputs[k] = (z, t, xr, y[sl], x_t, v_t, d['r'][sl])
+        return inputs[k]
+
+    def cm_fm_loss(k):
+        z, t, xr, yk, x_t, v_t, _ = step_inputs(k)
+        loss = 0.0
+        if 'cm' in names:                                      # l.8-11
+            cm, _ = losses.cm_loss(student, x_t, t, yk, v_t, args.w1, args.p, args.c, args.fused, jvp_dtype,
+                                   args.w1_power, args.g_clip, args.cm_weight)
+            add('cm', cm)
+            loss = loss + cm
+        if 'fm' in names:                                      # l.13-14
+            with autocast:
+                fm = losses.fm_loss(student, x_t, t, yk, v_t, args.p, args.c)
+            add('fm', fm)
+            loss = loss + fm
+        return loss
+
+    def n2n_fm_loss(k):
+        z, t, xr, yk, x_t, v_t, r = step_inputs(k)
+        r = torch.minimum(r, t)                                # l.18: r -> 0, r <= t
+        x_r = (1 - losses.bcast(r, z)) * z + losses.bcast(r, z) * xr   # l.19
         with torch.no_grad(), autocast:                        # l.20-21
-            v_r = teacher_velocity(teacher, x_r, r, y, z, x_ref, **vel).to(x_ref.dtype)
+            v_r = teacher_velocity(teacher, x_r, r, yk, z, xr, **vel).to(x_ref.dtype)
 
         def v_psi(F_n2n):                                      # teacher velocity at time t (losses.py)
             if args.vpsi == 'interp' or teacher is None:
                 return v_t                                     # Alg.1 l.23
             with torch.no_grad(), autocast:                    # Eq. 13: at f(x_r, r, t)
                 x_hat = x_r + losses.bcast(t - r, x_r) * F_n2n
-                return teacher_velocity(teacher, x_hat, t, y, **vel).to(x_ref.dtype)
-        log['n2n'], _ = losses.n2n_loss(student, x_r, r, t, y, v_r, v_psi, args.lam, args.gam, args.w2,
-                                        args.p, args.c, args.fused, jvp_dtype)   # l.22-25
-        loss2 = log['n2n']
+                return teacher_velocity(teacher, x_hat, t, yk, **vel).to(x_ref.dtype)
+        n2n, _ = losses.n2n_loss(student, x_r, r, t, yk, v_r, v_psi, args.lam, args.gam, args.w2,
+                                 args.p, args.c, args.fused, jvp_dtype)   # l.22-25
+        add('n2n', n2n)
+        loss = n2n
         if 'fm' in names:                                      # l.26-27
             with autocast:
-                log['fm2'] = losses.fm_loss(student, x_t, t, y, v_t, args.p, args.c)
-            loss2 = loss2 + log['fm2']
-        ok, log['grad_norm2'] = update(loss2, student, ema, opt, args, world)   # l.28
+                fm2 = losses.fm_loss(student, x_t, t, yk, v_t, args.p, args.c)
+            add('fm2', fm2)
+            loss = loss + fm2
+        return loss
+
+    skipped = 0
+    if 'cm' in names or 'fm' in names:
+        _, ok, log['grad_norm'] = update(cm_fm_loss, student, ema, opt, args, world, ema_decay(it, args))   # l.15
+        skipped += not ok
+    if 'n2n' in names and it % args.freq == 0:                 # l.17
+        _, ok, log['grad_norm2'] = update(n2n_fm_loss, student, ema, opt, args, world, ema_decay(it, args))  # l.28
         skipped += not ok
     log['skipped'] = torch.tensor(float(skipped))
-    return {k: v.detach() for k, v in log.items()}, skipped == 0
+    return log, skipped == 0
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -674,10 +719,14 @@ def build_parser():
     A('--teacher', default='none', help="teacher checkpoint (ours or LightningDiT's), or 'none' for "
       'training from scratch with v = z_ref - z (with --losses fm: trains a teacher)')
     A('--losses', default='fm,cm,n2n', help='comma list of fm, cm, n2n (Table 3 ablations (c)-(g))')
-    A('--preset', default='tiny', choices=list(PRESETS), help='model size when training from scratch')
+    A('--preset', default=None, choices=list(PRESETS), help='architecture: of the model when training from '
+      "scratch (default tiny), or of a LightningDiT-format --teacher file, which does not name it (default XL/1); "
+      'the student copies its teacher\'s architecture')
     A('--num-classes', type=POS_INT, default=None, help='classes (default: 1 + the largest label in the data)')
     A('--steps', type=POS_INT, default=2000, help='training iterations')
     A('--batch', type=POS_INT, default=128, help='global batch size (split over torchrun ranks)')
+    A('--accum', type=POS_INT, default=1, help='micro-batches per optimizer update (gradient accumulation): each '
+      'rank holds the activations of batch / (ranks x accum) samples at a time; the update is the same')
     A('--lr', type=POS, default=1e-4, help='AdamW learning rate (paper: 1e-4)')
     A('--lr-schedule', default='constant', choices=['constant', 'cosine'],
       help="learning rate over the run: 'constant', or 'cosine' decay to 0 at --steps (after --warmup)")
@@ -686,6 +735,8 @@ def build_parser():
     A('--weight-decay', type=NONNEG, default=0.0, help='AdamW weight decay')
     A('--ema', type=bounded(float, 0, 1, hi_open=True), default=0.995,
       help='EMA decay per update (0.9999 for long GPU runs)')
+    A('--ema-warmup', action='store_true', help='EMA decay min(--ema, (1 + step) / (10 + step)): the average '
+      'forgets its starting weights early (for short runs; off: the constant decay of Alg. 1)')
     A('--freq', type=POS_INT, default=3, help='N2N update every freq iterations (paper: 3)')
     A('--schedule', default='uniform-seg', choices=['uniform-seg', 'logit-normal', 'arctan'],
       help='distribution of t (Table 3 (j)-(l))')
@@ -784,8 +835,8 @@ def setup_distributed(args):
 def train(args):
     set_threads(args.threads)
     rank, world, dev = setup_distributed(args)
-    if args.batch % world:
-        raise ValueError(f'--batch {args.batch} is not divisible by the {world} ranks')
+    if args.batch % (world * args.accum):
+        raise ValueError(f'--batch {args.batch} is not divisible by {world} rank(s) x --accum {args.accum}')
     if dev.type == 'cuda':                                     # TF32 for the fp32 passes (the JVPs)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -817,12 +868,12 @@ def train(args):
     torch.manual_seed(args.seed)
     teacher = None
     if args.teacher != 'none':
-        teacher = load_teacher(args.teacher, in_channels=C, input_size=H, device=dev)
+        teacher = load_teacher(args.teacher, preset=args.preset or 'XL/1', device=dev)
         student = student_from_teacher(teacher)
     else:
         n_cls = args.num_classes or int(ds.labels.max()) + 1
         s_embed = args.loss_set != ['fm']                      # a plain flow-matching teacher has no s
-        student = DiT(args.preset, in_channels=C, input_size=H, num_classes=n_cls, s_embed=s_embed).to(dev)
+        student = DiT(args.preset or 'tiny', in_channels=C, input_size=H, num_classes=n_cls, s_embed=s_embed).to(dev)
     if ckpt is not None:
         student = DiT(**ckpt['model_config']).to(dev)
         load_dit_state(student, ckpt['model'], resume)
@@ -867,7 +918,7 @@ def train(args):
     if not os.access(args.out, os.W_OK):
         raise ValueError(f'--out {args.out} is not writable')
     log_path = os.path.join(args.out, 'log.jsonl')
-    evaluator = (Evaluator(ds, args, dev, 4 * (args.batch // world), student.s_embedder is None)
+    evaluator = (Evaluator(ds, args, dev, 4 * (args.batch // (world * args.accum)), student.s_embedder is None)
                  if args.eval_every and rank == 0 else None)
     if rank == 0:
         trim_log(log_path, step)                              # lines after the checkpoint are redone
