@@ -1816,7 +1816,7 @@ def test_accum_micro_batches_equal_one_batch(teacher_ckpt):
         moved += not torch.equal(s1[k], start[k])
     assert moved > 10
     for a, b in zip(l1, l4):
-        assert a.keys() == b.keys() == {'cm', 'fm', 'n2n', 'fm2'}
+        assert a.keys() == b.keys() == {'cm', 'fm', 'n2n', 'fm2', 'grad_norm', 'grad_norm2', 'skipped'}
         assert all(torch.allclose(a[n], b[n], rtol=1e-6) for n in a), (a, b)   # losses are in float32
 
 
