@@ -1912,6 +1912,7 @@ def test_sample_teacher_file_denormalises_with_latent_stats(tmp_path):
     lightningdit_file(tea)
     stats = imagenet_latents(str(tmp_path / 'latents'), shards=(2,))
     common = ['sample.py', '--ckpt', tea, '--nfe', '2', '--num-samples', '4', '--batch', '2', '--cfg', '3']
+    (tmp_path / 'vavae.pt').write_bytes(b'never read: the missing statistics are found first')
     runs = {'stats': common + ['--preset', 'tiny', '--latent-stats', st, '--out', tmp_path / 'a'],
             'none': common + ['--preset', 'tiny', '--out', tmp_path / 'b'],
             'vae': common + ['--preset', 'tiny', '--vae', tmp_path / 'vavae.pt', '--out', tmp_path / 'c'],
