@@ -2030,7 +2030,7 @@ def test_end_to_end_imagenet_format(tmp_path, weights):
     data, tea, vae_file, ref = (os.path.join(root, f) for f in ('latents', 'tea.pt', 'vavae.pt', 'ref.npz'))
     stats_file = os.path.join(data, 'latents_stats.pt')
     stats = imagenet_latents(data)
-    teacher = lightningdit_file(tea)
+    lightningdit_file(tea)
     torch.manual_seed(0)
     vae = VAVAEDecoder().eval()                                # the release architecture, random weights
     _release_file(vae_file, vae)
@@ -2097,6 +2097,7 @@ def test_end_to_end_imagenet_format(tmp_path, weights):
     npz = os.path.join(root, 's_decm', 'samples.npz')
     fid_cli = subprocess.Popen([sys.executable, 'fid.py', npz, ref, '--inception', weights], cwd=HERE, env=ENV,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)                               # the subprocesses' arithmetic
         for folder, ckpt, sampler, nfe, preset, flags in [
@@ -2123,7 +2124,7 @@ def test_end_to_end_imagenet_format(tmp_path, weights):
         want = (mu - ref_mu) @ (mu - ref_mu) + np.trace(sigma) + np.trace(ref_sigma) - 2 * np.sqrt(lam).sum()
         out, err = fid_cli.communicate(timeout=240)
     finally:
-        torch.set_num_threads(2)
+        torch.set_num_threads(threads)
         if fid_cli.poll() is None:
             fid_cli.kill()
             fid_cli.wait()
