@@ -614,6 +614,8 @@ class Evaluator:
         else:
             what = (f'FID of {n} decoded samples against {self.args.fid_ref}' if self.args.fid_ref else
                     'no quality figure (give --fid-ref and --inception for FID)')
+            if self.args.fid_ref and n <= 2048:
+                what += f' (warning: {n} <= 2048 Inception features: singular covariance, the FID is biased high)'
         return (f'every {self.args.eval_every} iterations: {self.sampler} sampler at {self.nfes[0]} and '
                 f'{self.nfes[1]} NFE, EMA weights, fixed noise and labels, {what}')
 
