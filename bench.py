@@ -503,7 +503,8 @@ def study(a):
     if a.stop_after:
         common += ['--stop-at', str(time.time() + a.stop_after)]
     jobs = [common + ['--one', 'teacher:0']]
-    jobs += [common + ['--one', f'{n}:{s}'] for n in names for s in a.seeds]
+    jobs += [common + ['--one', f'{n}:{s}'] for s in a.seeds for n in names]   # seeds in turn: a stopped
+    # study has every configuration at the same seeds
     failed = run_parallel(jobs, a.jobs, os.path.join(a.runs, 'logs'),
                           deadline=time.time() + a.stop_after + 30 if a.stop_after else None)
     study_report(a, names, failed)
