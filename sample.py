@@ -13,6 +13,8 @@ of the network.
   points i / nfe: LightningDiT's `num_sampling_steps` K counts grid points (linspace(0, 1, K), K - 1
   Euler steps), so its K = 250 is our --nfe 249. `--cfg-channels 3` guides only the first three
   channels, as LightningDiT's `forward_with_cfg` does (our default guides all, see teacher.py).
+  `--guidance apg` follows instead the very velocity DE-CM distils (teacher.teacher_velocity: APG, same
+  `--cfg` = train.py's --w-cfg and `--eta`): the fair baseline of a student, since it is what it learns.
 
 Samples are de-normalised, x * std + mean, with the latent statistics our checkpoints carry, or for a
 LightningDiT file (which carries none) with `--latent-stats latents_stats.pt`. Writes OUT/grid.png (one
