@@ -237,7 +237,8 @@ def train_step(student, ema, teacher, opt, batch, it, args, world, autocast, dra
     loss = 0.0
     jvp_dtype = JVP_DTYPES[args.jvp_dtype]
     if 'cm' in names:                                          # l.8-11
-        log['cm'], _ = losses.cm_loss(student, x_t, t, y, v_t, args.w1, args.p, args.c, args.fused, jvp_dtype)
+        log['cm'], _ = losses.cm_loss(student, x_t, t, y, v_t, args.w1, args.p, args.c, args.fused, jvp_dtype,
+                                      args.compile_jvp)
         loss = loss + log['cm']
     if 'fm' in names:                                          # l.13-14
         with autocast:
@@ -258,7 +259,7 @@ def train_step(student, ema, teacher, opt, batch, it, args, world, autocast, dra
                 x_hat = x_r + losses.bcast(t - r, x_r) * F_n2n
                 return teacher_velocity(teacher, x_hat, t, y, **vel).to(x_ref.dtype)
         log['n2n'], _ = losses.n2n_loss(student, x_r, r, t, y, v_r, v_psi, args.lam, args.gam, args.w2,
-                                        args.p, args.c, args.fused, jvp_dtype)   # l.22-25
+                                        args.p, args.c, args.fused, jvp_dtype, args.compile_jvp)   # l.22-25
         loss2 = log['n2n']
         if 'fm' in names:                                      # l.26-27
             with autocast:
@@ -387,7 +388,9 @@ def parse_args(argv=None):
     A('--seed', type=int, default=0, help='random seed (rank r uses seed + r)')
     A('--device', default='auto', help='auto, cpu or cuda')
     A('--amp', default='auto', choices=['auto', 'on', 'off'], help='bf16 autocast (auto: on for CUDA)')
-    A('--compile', action='store_true', help='torch.compile the teacher (inference only; the student runs eager for torch.func.jvp)')
+    A('--compile', action='store_true', help='torch.compile the teacher (inference only)')
+    A('--compile-jvp', action='store_true', help="torch.compile the student's JVPs and the backward through "
+      'their primal (CM and N2N; about 1.4x faster on CPU after a compile of 1-2 minutes per JVP)')
     A('--workers', type=int, default=0, help='data loader worker processes')
     A('--ckpt-every', type=int, default=500, help='checkpoint every N iterations')
     A('--keep', type=int, default=2, help='checkpoints to keep')
