@@ -36,7 +36,11 @@ tangent graph alive until backward (about 2.5x the activation memory). `fused=Fa
 under no_grad and a separate forward for the loss.
 JVP precision (`jvp_dtype`): float32 by default (autocast off, TF32 matmuls on CUDA); bfloat16 runs
 the JVP under bf16 autocast like the other passes (README: its error against a float64 JVP).
+Compiled JVP (`compiled=True`, train.py --compile-jvp): the same function under torch.compile, so that
+the JVP and the backward through its primal run as generated kernels (README: the speed-up on CPU).
 """
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch.func import jvp
@@ -61,7 +65,10 @@ def jvp_of_model(model, x, t, s, y, tangents):
     return out, dout.detach()
 
 
-compiled_jvp_of_model = torch.compile(jvp_of_model)            # compiled on its first call (--compile-jvp)
+@functools.cache
+def compiled_jvp_of_model():
+    """torch.compile(jvp_of_model), made on first use (importing torch._dynamo takes seconds)."""
+    return torch.compile(jvp_of_model)
 
 
 def model_jvp(model, x, t, s, y, tangents, fused=True, dtype=torch.float32, compiled=False):
@@ -69,7 +76,7 @@ def model_jvp(model, x, t, s, y, tangents, fused=True, dtype=torch.float32, comp
     AD has no rule for the fused SDPA kernels), in float32 (or the model's float64) or under bfloat16
     autocast (dtype=torch.bfloat16). fused=True keeps the primal differentiable. compiled=True runs
     the JVP (and, when fused, the backward through its primal) as torch.compile'd graphs."""
-    fn = compiled_jvp_of_model if compiled else jvp_of_model
+    fn = compiled_jvp_of_model() if compiled else jvp_of_model
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         if fused:
             out, dout = fn(model, x, t, s, y, tangents)

@@ -9,6 +9,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -1706,6 +1707,8 @@ def test_bench_gpu_dry_run_on_cpu(tmp_path):
     assert md.count('\n| ') == 1 + 9 and 'FLOP floor' in md and 'DE-CM iteration, freq 3 average, bf16 JVP' in md
 
 
+@pytest.mark.skipif(not any(shutil.which(c) for c in ('g++', 'c++', 'clang++')),
+                    reason='torch.compile on CPU needs a C++ compiler')
 def test_compiled_jvp_gives_the_eager_jvp_and_gradients():
     """--compile-jvp: the compiled JVP (and the compiled backward through its fused primal) gives the eager
     JVP and parameter gradients in float64, for the CM and the N2N tangents; it once crashed in the
