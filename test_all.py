@@ -1733,3 +1733,23 @@ def test_compiled_jvp_gives_the_eager_jvp_and_gradients():
     _, d0 = losses.model_jvp(m, x, t, one, y, tangents, fused=False)
     _, d1 = losses.model_jvp(m, x, t, one, y, tangents, fused=False, compiled=True)   # under no_grad
     assert rel_err(d1, d0) < 1e-12 and not d1.requires_grad
+
+
+def test_jvp_dtype_error_against_float64(teacher_ckpt):
+    """--jvp-dtype: the fp32 JVP is float64's to single precision, the bf16 one (under bf16 autocast) to
+    bf16's; an iteration with the bf16 JVP logs the fp32 one's losses within bf16 rounding."""
+    errs = bench.jvp_errors('tiny', seed=0, B=4)
+    for case in ('CM (v, 1, 0) at (x_t, t, 1)', 'N2N (v, 1, -1) at (x_r, r, t)'):
+        assert errs[(case, 'fp32')][0] < 1e-5 and errs[(case, 'fp32')][1] < 1e-5, errs
+        assert 1e-4 < errs[(case, 'bf16')][0] < 5e-2 and errs[(case, 'bf16')][1] < 5e-2, errs
+    logs = {}
+    for jvp in ('fp32', 'bf16'):
+        args, teacher, student, ema, opt = step_setup(teacher_ckpt, ['--freq', '1', '--jvp-dtype', jvp])
+        x, y, draws = fixed_batch()
+        logs[jvp], ok = train.train_step(student, ema, teacher, opt, (x, y), 0, args, 1,
+                                         torch.autocast('cpu', enabled=False), draws)
+        assert ok
+    for k in ('cm', 'n2n'):
+        assert logs['bf16'][k] != logs['fp32'][k] and abs(logs['bf16'][k] / logs['fp32'][k] - 1) < 0.02, logs
+    for k in ('fm', 'fm2'):
+        assert abs(logs['bf16'][k] / logs['fp32'][k] - 1) < 0.02, logs
