@@ -1146,13 +1146,16 @@ def jvp_errors(preset, seed, B=16):
              'N2N (v, 1, -1) at (x_r, r, t)': (x, r, t, (v, one, -one))}
     rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()
     out = {}
+    residual = {'CM (v, 1, 0) at (x_t, t, 1)': lambda F_, d_, v_, a_, b_: losses.cm_residual(F_, d_, v_, a_)[0],
+                'N2N (v, 1, -1) at (x_r, r, t)':                     # g_n2n with v_r = v_psi = v
+                lambda F_, d_, v_, a_, b_: losses.n2n_residual(F_, d_, v_, v_, a_, b_)[0]}
     for name, (x_, a_, b_, tan) in cases.items():
         F64, d64 = losses.model_jvp(m64, x_, a_, b_, y, tan, fused=False)
-        g64, _ = losses.cm_residual(F64, d64, v, a_)
+        g64 = residual[name](F64, d64, v, a_, b_)
         for label, dtype in [('fp32', torch.float32), ('bf16', torch.bfloat16)]:
             f = lambda z: z.float()
             F_, d_ = losses.model_jvp(m32, f(x_), f(a_), f(b_), y, tuple(f(z) for z in tan), fused=False, dtype=dtype)
-            g_, _ = losses.cm_residual(F_.float(), d_.float(), f(v), f(a_))
+            g_ = residual[name](F_.float(), d_.float(), f(v), f(a_), f(b_))
             out[(name, label)] = (rel(d_, d64), rel(g_, g64))
     return out
 
@@ -1163,10 +1166,11 @@ def jvp_dtype(a):
         torch.set_num_threads(a.threads)
     os.makedirs(a.results, exist_ok=True)
     lines = ['# The JVP in fp32 and in bf16 (`--jvp-dtype`)', '',
-             f'Relative error |dF - dF_64| / |dF_64| of the tangent, and of g_cm = F - v - (1 - t) dF, against a '
+             f'Relative error |dF - dF_64| / |dF_64| of the tangent, and of the residual g of the target '
+             f'(CM: g_cm = F - v - (1 - t) dF; N2N: g_n2n with v_r = v_psi = v), against a '
              f'float64 JVP of the same random student (weights perturbed, batch 16, 1x16x16, torch.func.jvp; '
              f'bf16: under CPU bf16 autocast). Median over {a.seeds} seeds.', '',
-             '| preset | tangent | dF fp32 | dF bf16 | g_cm fp32 | g_cm bf16 |', '|---|---|---|---|---|---|']
+             '| preset | tangent | dF fp32 | dF bf16 | g fp32 | g bf16 |', '|---|---|---|---|---|---|']
     raw = {}
     for preset in a.presets:
         errs = [jvp_errors(preset, s) for s in range(a.seeds)]
@@ -1199,12 +1203,17 @@ def jvp_dtype(a):
     last = a.steps // 3
     lines += ['', f'Short run: the built-in digits, a teacher trained for {a.teacher_steps} flow-matching steps, then '
               f'{a.steps} DE-CM iterations (tiny preset, batch {a.batch}, lr 3e-4, freq 3) with each JVP precision from '
-              f'the same seed (same data and draws); the other passes in fp32. Mean loss over the last {last} '
-              f'iterations:', '', '| loss | fp32 JVP | bf16 JVP | relative difference |', '|---|---|---|---|']
+              f'the same seed (same data and draws); the other passes in fp32. The first iteration\'s losses, '
+              f'then the mean over the last {last} iterations (the two runs drift apart as their updates differ):',
+              '', '| loss | iteration 0, fp32 JVP | bf16 JVP | difference | last iterations, fp32 JVP | bf16 JVP '
+              '| difference |', '|---|---|---|---|---|---|---|']
     for k in ('cm', 'fm', 'n2n', 'fm2'):
+        first = {lab: c[0][k] for lab, c in curves.items()}
         m = {lab: statistics.mean(c[k] for c in curves[lab][-last:] if k in c) for lab in curves}
-        raw[f'run {k}'] = m
-        lines.append(f'| {k} | {m["fp32"]:.4f} | {m["bf16"]:.4f} | {(m["bf16"] - m["fp32"]) / m["fp32"]:+.1%} |')
+        raw[f'run {k}'] = dict(first=first, last=m)
+        lines.append(f'| {k} | {first["fp32"]:.4f} | {first["bf16"]:.4f} | '
+                     f'{(first["bf16"] - first["fp32"]) / first["fp32"]:+.2%} | {m["fp32"]:.4f} | {m["bf16"]:.4f} | '
+                     f'{(m["bf16"] - m["fp32"]) / m["fp32"]:+.1%} |')
     lines += ['', f'Command: python bench.py {a.command}']
     write_atomic(os.path.join(a.results, 'jvp_dtype.md'), '\n'.join(lines) + '\n')
     write_atomic(os.path.join(a.results, 'jvp_dtype.json'), json.dumps(dict(errors=raw, curves=curves), indent=1) + '\n')
