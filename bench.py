@@ -907,9 +907,9 @@ def grad_difference(model, eager_fn, compiled_fn):
     return err
 
 
-def largest_batch(fits, cap, deadline):
+def largest_batch(fits, cap, deadline, tried=None):
     """The largest B <= cap with fits(B): doubling from 1, then bisection. Returns (B, tried {B: ok})."""
-    tried = {}
+    tried = {} if tried is None else tried
 
     def ok(B):
         if time.perf_counter() > deadline:
@@ -980,16 +980,23 @@ def gpu(a):
             if dev.type == 'cuda':
                 torch.cuda.synchronize(dev)
             return True
-        except torch.cuda.OutOfMemoryError:
-            return False
+        except RuntimeError as e:                              # OutOfMemoryError, or cuBLAS failing to allocate
+            if isinstance(e, torch.cuda.OutOfMemoryError) or 'out of memory' in str(e) or 'ALLOC_FAILED' in str(e):
+                return False
+            raise
         finally:
             del inp
             opt.zero_grad(set_to_none=True)
             free_memory(dev)
+    tried = {}
     if a.batch:
-        B, tried = a.batch, {}
+        B = a.batch
     else:
-        B, tried = time_limited(left(0.5 * a.budget), lambda: largest_batch(fits, a.max_batch, deadline - 0.5 * a.budget))
+        try:
+            B, _ = time_limited(left(0.5 * a.budget),
+                                lambda: largest_batch(fits, a.max_batch, deadline - 0.5 * a.budget, tried))
+        except OverBudget:                                     # out of time: the largest batch that fitted
+            B = max([b for b, ok in tried.items() if ok], default=0)
     info['batch'], info['batch_search'] = B, {str(k): v for k, v in tried.items()}
     tick(f'batch {B}')
     if B == 0:
@@ -999,8 +1006,14 @@ def gpu(a):
     # 2. FLOPs of each pass at batch 1 (scaled by B; eager), then the passes at batch B
     inp1 = gpu_inputs(1, dev, args)
     p1 = gpu_passes(student, teacher, ema, opt, inp1, args, autocast)
-    flops = {k: count_flops(fn) for k, fn in p1.items() if k not in ('iterations', 'state', 'cm_fp32_compiled')}
-    flops['iteration'] = count_flops(p1['iterations']('fp32')) / args.freq
+    flops = {}
+    try:
+        for k, fn in p1.items():
+            if k not in ('iterations', 'state', 'cm_fp32_compiled'):
+                flops[k] = count_flops(fn)
+        flops['iteration'] = count_flops(p1['iterations']('fp32')) / args.freq
+    except Exception as e:                                     # noqa: BLE001 -- the rows go without a floor
+        info['flop_error'] = f'{type(e).__name__}: {" ".join(str(e).split())[:200]}'
     opt.zero_grad(set_to_none=True)
     del inp1, p1
     tick('FLOPs')
@@ -1012,7 +1025,7 @@ def gpu(a):
             sec = timed(fn, a.repeats, dev) / per
             peak, extra = peak_memory(fn, dev)
             out = dict(batch=B, sec=sec, images_s=B / sec, peak=peak, extra=extra)
-            if flop_key:
+            if flop_key in flops:
                 out['flops'] = flops[flop_key] * B
                 out['floor'] = out['flops'] / info['bf16_flops']
             return out
@@ -1112,6 +1125,8 @@ def gpu_report(results, info, rows):
             comp += f' (gradients vs eager: rel. diff. {r["grad_rel_err"]:.1e})'
         lines.append(f'| {r["name"]} | {r["batch"]} | {ms(r["sec"])} | {r["images_s"]:.1f} | {gib(r["peak"])} | '
                      f'{gib(r["extra"])} | {gflop} | {floor} | {ratio} | {comp} |')
+    if 'flop_error' in info:
+        lines += ['', f'FLOP counting failed: {info["flop_error"]}']
     lines += ['', 'FLOPs: torch.utils.flop_counter.FlopCounterMode (matmuls, convolutions, attention) of each pass '
               'at batch 1, times the batch; the bf16 JVP rows use the fp32 rows\' count. The DE-CM iteration is '
               'train.train_step itself (teacher calls, both losses, clipping, AdamW, EMA), averaged over freq '
