@@ -654,6 +654,62 @@ def speed_preset(preset, a, dev, bar):
     return res
 
 
+def jvp_steps(a, dev):
+    """bench.py speed --jvp-steps: the CM step (fused JVP + backward through its primal), eager and
+    compiled, against the FM forward + backward, interleaved (one of each per round, median of --repeats
+    rounds), on the process's CPU time with --clock cpu (a machine that other jobs share)."""
+    clock = time.process_time if a.clock == 'cpu' else time.perf_counter
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == 'cuda' else (lambda: None)
+    lines = [f'# The CM step against the FM step ({"CPU time of this process" if a.clock == "cpu" else "wall time"}, '
+             f'{torch.get_num_threads()} threads, batch {a.batch}, median of {a.repeats} interleaved rounds)', '',
+             '| preset | FM forward + backward (ms) | CM step, eager (ms) | CM step, compiled (ms) | eager / FM '
+             '| compiled / FM | compile (s) | gradients, compiled vs eager |', '|---|---|---|---|---|---|---|---|']
+    raw = {}
+    for preset in a.presets:
+        torch.manual_seed(a.seed)
+        m = DiT(preset, in_channels=1, input_size=16, num_classes=10).to(dev)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+        x, v = torch.randn(a.batch, 1, 16, 16, device=dev), torch.randn(a.batch, 1, 16, 16, device=dev)
+        t, y = torch.rand(a.batch, device=dev), torch.randint(0, 10, (a.batch,), device=dev)
+
+        def cm(compiled):
+            m.zero_grad(set_to_none=True)
+            losses.cm_loss(m, x, t, y, v, compiled=compiled)[0].backward()
+
+        def fm():
+            m.zero_grad(set_to_none=True)
+            losses.fm_loss(m, x, t, y, v).backward()
+        flat = lambda: torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])
+        cm(False)
+        g0 = flat()
+        t0 = time.perf_counter()
+        cm(True)
+        compile_s = time.perf_counter() - t0
+        grad_err = ((flat() - g0).norm() / g0.norm()).item()
+        fns = {'fm': fm, 'cm': lambda: cm(False), 'cm_compiled': lambda: cm(True)}
+        ts = {k: [] for k in fns}
+        for f in fns.values():
+            f()
+        for _ in range(a.repeats):
+            for k, f in fns.items():
+                sync()
+                c0 = clock()
+                f()
+                sync()
+                ts[k].append(clock() - c0)
+        r = {k: statistics.median(v) for k, v in ts.items()}
+        r.update(compile_s=compile_s, grad_rel_err=grad_err)
+        raw[preset] = r
+        lines.append(f'| {preset} | {1e3 * r["fm"]:.1f} | {1e3 * r["cm"]:.1f} | {1e3 * r["cm_compiled"]:.1f} | '
+                     f'{r["cm"] / r["fm"]:.2f} | {r["cm_compiled"] / r["fm"]:.2f} | {compile_s:.0f} | {grad_err:.1e} |')
+    lines += ['', f'Command: python bench.py {a.command}']
+    write_atomic(os.path.join(a.results, 'jvp_steps.md'), '\n'.join(lines) + '\n')
+    write_atomic(os.path.join(a.results, 'jvp_steps.json'), json.dumps(raw, indent=1) + '\n')
+    print('\n'.join(lines))
+
+
 def speed(a):
     if a.batch < 1 or a.repeats < 1 or a.freq < 1:
         raise ValueError('--batch, --repeats and --freq must be at least 1')
@@ -665,6 +721,8 @@ def speed(a):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     os.makedirs(a.results, exist_ok=True)
+    if a.jvp_steps:
+        return jvp_steps(a, dev)
     bar = tqdm(total=8 * len(a.presets), desc='speed', dynamic_ncols=True)
     out = {p: speed_preset(p, a, dev, bar) for p in a.presets}
     bar.close()
@@ -1368,6 +1426,10 @@ def main(argv=None):
     p.add_argument('--w-cfg', type=float, default=2.0, help='CFG weight of the teacher (distillation, sampler)')
     p.add_argument('--device', default='auto', help='auto, cpu or cuda')
     p.add_argument('--seed', type=int, default=0, help='seed of the random models and data')
+    p.add_argument('--jvp-steps', action='store_true', help='only the CM step (eager and compiled, '
+                   'train.py --compile-jvp) against the FM step, interleaved -> results/jvp_steps.md')
+    p.add_argument('--clock', default='wall', choices=['wall', 'cpu'], help='--jvp-steps: wall time, or the '
+                   "process's CPU time (steadier on a machine that other jobs share; with --threads 1)")
     p.add_argument('--compile-jvp', action='store_true', help='also time the CM JVP + backward compiled '
                    '(train.py --compile-jvp; compiles once per preset, 1-2 minutes on a CPU)')
     p.add_argument('--results', default=RESULTS, help='folder for speed.md and speed.json')
