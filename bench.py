@@ -692,7 +692,7 @@ def jvp_steps(a, dev):
         ts = {k: [] for k in fns}
         for f in fns.values():
             f()
-        for _ in range(a.repeats):
+        for _ in tqdm(range(a.repeats), desc=f'jvp steps {preset}', leave=False):
             for k, f in fns.items():
                 sync()
                 c0 = clock()
