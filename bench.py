@@ -10,6 +10,8 @@
     python bench.py estimate   time and memory of the paper's run, from a measured CPU iteration of XL/1
     python bench.py speed      iteration and sampling times, peak memory, the DE-CM iteration against the
                                sum of the passes it cannot avoid -> results/speed.md
+    python bench.py jvp-dtype  the JVP's error in fp32 and bf16 against float64, and a short CPU run with
+                               each JVP precision -> results/jvp_dtype.md
     python bench.py gpu        XL/1 on the GPU: forward, FM, CM and N2N steps, the DE-CM iteration at the
                                largest batch that fits, peak memory, images/s, FLOP floor, with and
                                without torch.compile, fp32 and bf16 JVPs -> results/gpu.md, gpu.json
@@ -925,9 +927,9 @@ def speed_preset(preset, a, dev, bar):
         with torch.no_grad(), autocast:
             teacher(x2, t2, None, y2)
 
-    def jvp_backward(x, a_, b_, tangents):                     # Alg.1 l.8 / l.22 + backward of the loss
+    def jvp_backward(x, a_, b_, tangents, compiled=False):     # Alg.1 l.8 / l.22 + backward of the loss
         student.zero_grad(set_to_none=True)
-        out, _ = losses.model_jvp(student, x, a_, b_, y, tangents, fused=True)
+        out, _ = losses.model_jvp(student, x, a_, b_, y, tangents, fused=True, compiled=compiled)
         out.float().square().mean().backward()
 
     def fm_pass():                                             # Alg.1 l.13 / l.26 + backward
@@ -941,6 +943,14 @@ def speed_preset(preset, a, dev, bar):
     res['fm_pass'] = timed(fm_pass, a.repeats, dev)
     res['n2n_jvp'] = timed(lambda: jvp_backward(x_r, r, t, (args.lam * v, torch.full_like(r, args.lam),
                                                             torch.full_like(t, -args.gam))), a.repeats, dev)
+    res['ratio_cm_fm'] = res['cm_jvp'] / res['fm_pass']
+    if a.compile_jvp:                                          # train.py --compile-jvp: compile, then time
+        t0 = time.perf_counter()
+        jvp_backward(x_t, t, one, (v, one, zero), compiled=True)
+        res['cm_jvp_compile_s'] = time.perf_counter() - t0
+        res['cm_jvp_compiled'] = timed(lambda: jvp_backward(x_t, t, one, (v, one, zero), compiled=True),
+                                       a.repeats, dev)
+        res['ratio_cm_fm_compiled'] = res['cm_jvp_compiled'] / res['fm_pass']
     f = a.freq
     res['floor'] = (res['teacher_pass'] * (1 + 2 / f) + res['cm_jvp'] + res['fm_pass'] * (1 + 1 / f)
                     + res['n2n_jvp'] / f)
@@ -984,6 +994,62 @@ def speed_preset(preset, a, dev, bar):
     return res
 
 
+def jvp_steps(a, dev):
+    """bench.py speed --jvp-steps: the CM step (fused JVP + backward through its primal), eager and
+    compiled, against the FM forward + backward, interleaved (one of each per round, median of --repeats
+    rounds), on the process's CPU time with --clock cpu (a machine that other jobs share)."""
+    clock = time.process_time if a.clock == 'cpu' else time.perf_counter
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == 'cuda' else (lambda: None)
+    lines = [f'# The CM step against the FM step ({"CPU time of this process" if a.clock == "cpu" else "wall time"}, '
+             f'{torch.get_num_threads()} threads, batch {a.batch}, median of {a.repeats} interleaved rounds)', '',
+             '| preset | FM forward + backward (ms) | CM step, eager (ms) | CM step, compiled (ms) | eager / FM '
+             '| compiled / FM | compile (s) | gradients, compiled vs eager |', '|---|---|---|---|---|---|---|---|']
+    raw = {}
+    for preset in a.presets:
+        torch.manual_seed(a.seed)
+        m = DiT(preset, in_channels=1, input_size=16, num_classes=10).to(dev)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+        x, v = torch.randn(a.batch, 1, 16, 16, device=dev), torch.randn(a.batch, 1, 16, 16, device=dev)
+        t, y = torch.rand(a.batch, device=dev), torch.randint(0, 10, (a.batch,), device=dev)
+
+        def cm(compiled):
+            m.zero_grad(set_to_none=True)
+            losses.cm_loss(m, x, t, y, v, compiled=compiled)[0].backward()
+
+        def fm():
+            m.zero_grad(set_to_none=True)
+            losses.fm_loss(m, x, t, y, v).backward()
+        flat = lambda: torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])
+        cm(False)
+        g0 = flat()
+        t0 = time.perf_counter()
+        cm(True)
+        compile_s = time.perf_counter() - t0
+        grad_err = ((flat() - g0).norm() / g0.norm()).item()
+        fns = {'fm': fm, 'cm': lambda: cm(False), 'cm_compiled': lambda: cm(True)}
+        ts = {k: [] for k in fns}
+        for f in fns.values():
+            f()
+        for _ in tqdm(range(a.repeats), desc=f'jvp steps {preset}', leave=False):
+            for k, f in fns.items():
+                sync()
+                c0 = clock()
+                f()
+                sync()
+                ts[k].append(clock() - c0)
+        r = {k: statistics.median(v) for k, v in ts.items()}
+        r.update(compile_s=compile_s, grad_rel_err=grad_err)
+        raw[preset] = r
+        lines.append(f'| {preset} | {1e3 * r["fm"]:.1f} | {1e3 * r["cm"]:.1f} | {1e3 * r["cm_compiled"]:.1f} | '
+                     f'{r["cm"] / r["fm"]:.2f} | {r["cm_compiled"] / r["fm"]:.2f} | {compile_s:.0f} | {grad_err:.1e} |')
+    lines += ['', f'Command: python bench.py {a.command}']
+    write_atomic(os.path.join(a.results, 'jvp_steps.md'), '\n'.join(lines) + '\n')
+    write_atomic(os.path.join(a.results, 'jvp_steps.json'), json.dumps(raw, indent=1) + '\n')
+    print('\n'.join(lines))
+
+
 def speed(a):
     if a.batch < 1 or a.repeats < 1 or a.freq < 1:
         raise ValueError('--batch, --repeats and --freq must be at least 1')
@@ -995,6 +1061,8 @@ def speed(a):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     os.makedirs(a.results, exist_ok=True)
+    if a.jvp_steps:
+        return jvp_steps(a, dev)
     bar = tqdm(total=8 * len(a.presets), desc='speed', dynamic_ncols=True)
     out = {p: speed_preset(p, a, dev, bar) for p in a.presets}
     bar.close()
@@ -1029,8 +1097,11 @@ def speed(a):
                   f'| **DE-CM iteration at freq {f}** (average over {f} consecutive iterations; memory: their peak)'
                   f' | {ms(r["decm"])} | {mb(r["decm_mem"])} |',
                   f'| floor part: teacher cond + uncond forward (batched 2B, no grad) | {ms(r["teacher_pass"])} | |',
-                  f'| floor part: CM JVP (fused) + backward through its primal | {ms(r["cm_jvp"])} | |',
-                  f'| floor part: FM forward + backward | {ms(r["fm_pass"])} | |',
+                  f'| floor part: CM JVP (fused) + backward through its primal | {ms(r["cm_jvp"])} | |']
+        if 'cm_jvp_compiled' in r:
+            lines += [f'| CM JVP (fused) + backward, compiled (`--compile-jvp`; first call with the compile: '
+                      f'{r["cm_jvp_compile_s"]:.0f} s) | {ms(r["cm_jvp_compiled"])} | |']
+        lines += [f'| floor part: FM forward + backward | {ms(r["fm_pass"])} | |',
                   f'| floor part: N2N JVP (fused) + backward | {ms(r["n2n_jvp"])} | |',
                   f'| **floor** = teacher x (1 + 2/{f}) + CM JVP + FM x (1 + 1/{f}) + N2N JVP / {f} | '
                   f'{ms(r["floor"])} | |',
@@ -1041,6 +1112,9 @@ def speed(a):
                   f'{ms(r["teacher50"])} | |', '',
                   f'- DE-CM iteration / floor = {ok(r["ratio_floor"], 1.15)}; / (floor + {1 + 1 / f:.2f} optimizer '
                   f'updates) = {r["ratio_floor_upd"]:.3f}; / FM iteration = {r["ratio_fm"]:.2f}.',
+                  f'- CM step (JVP + backward) / FM step (forward + backward) = {ok(r["ratio_cm_fm"], 1.6)}'
+                  + (f'; compiled (`--compile-jvp`): {ok(r["ratio_cm_fm_compiled"], 1.6)}'
+                     if 'ratio_cm_fm_compiled' in r else '') + '.',
                   f'- 1-NFE sampling / one forward pass = {ok(r["ratio_sample"], 1.05)}.',
                   f'- teacher 50-step CFG sampling / DE-CM 1, 2, 4 NFE = {r["teacher50"] / r["cm1"]:.0f}x, '
                   f'{r["teacher50"] / r["cm2"]:.0f}x, {r["teacher50"] / r["cm4"]:.0f}x.']
@@ -1191,9 +1265,9 @@ def gpu_passes(student, teacher, ema, opt, inp, args, autocast):
             loss = losses.fm_loss(student, x_t, t, y, v, args.p, args.c)
         loss.backward()
 
-    def cm_step(dtype):                                        # Alg.1 l.8-11 + backward (fused JVP)
+    def cm_step(dtype, compiled=False):                        # Alg.1 l.8-11 + backward (fused JVP)
         student.zero_grad(set_to_none=True)
-        loss, _ = losses.cm_loss(student, x_t, t, y, v, args.w1, args.p, args.c, True, dtype)
+        loss, _ = losses.cm_loss(student, x_t, t, y, v, args.w1, args.p, args.c, True, dtype, compiled)
         loss.backward()
 
     def n2n_step(dtype):                                       # Alg.1 l.22-25 + backward (fused JVP)
@@ -1202,9 +1276,9 @@ def gpu_passes(student, teacher, ema, opt, inp, args, autocast):
                                   True, dtype)
         loss.backward()
 
-    def iterations(jvp_dtype, model_teacher=None):             # train.train_step, freq consecutive iterations
+    def iterations(jvp_dtype, model_teacher=None, compile_jvp=False):   # train.train_step, freq iterations
         run_args = copy.copy(args)
-        run_args.jvp_dtype = jvp_dtype
+        run_args.jvp_dtype, run_args.compile_jvp = jvp_dtype, compile_jvp
 
         def fn():
             for _ in range(args.freq):
@@ -1215,6 +1289,7 @@ def gpu_passes(student, teacher, ema, opt, inp, args, autocast):
         return fn
     return dict(forward=forward, teacher=teacher_pass, fm=fm_step,
                 cm_fp32=lambda: cm_step(torch.float32), cm_bf16=lambda: cm_step(torch.bfloat16),
+                cm_fp32_compiled=lambda: cm_step(torch.float32, True),
                 n2n_fp32=lambda: n2n_step(torch.float32), n2n_bf16=lambda: n2n_step(torch.bfloat16),
                 iterations=iterations, state=state)
 
@@ -1230,9 +1305,9 @@ def grad_difference(model, eager_fn, compiled_fn):
     return err
 
 
-def largest_batch(fits, cap, deadline):
+def largest_batch(fits, cap, deadline, tried=None):
     """The largest B <= cap with fits(B): doubling from 1, then bisection. Returns (B, tried {B: ok})."""
-    tried = {}
+    tried = {} if tried is None else tried
 
     def ok(B):
         if time.perf_counter() > deadline:
@@ -1280,7 +1355,7 @@ def gpu(a):
                 command='python bench.py ' + a.command)
     rows = []
     report = lambda: gpu_report(a.results, info, rows)
-    bar = tqdm(total=16, desc='gpu', dynamic_ncols=True)
+    bar = tqdm(total=19, desc='gpu', dynamic_ncols=True)
     tick = lambda name: (bar.set_description(f'gpu: {name}'), bar.update(1))
 
     n = 8192 if dev.type == 'cuda' else 256
@@ -1303,16 +1378,23 @@ def gpu(a):
             if dev.type == 'cuda':
                 torch.cuda.synchronize(dev)
             return True
-        except torch.cuda.OutOfMemoryError:
-            return False
+        except RuntimeError as e:                              # OutOfMemoryError, or cuBLAS failing to allocate
+            if isinstance(e, torch.cuda.OutOfMemoryError) or 'out of memory' in str(e) or 'ALLOC_FAILED' in str(e):
+                return False
+            raise
         finally:
             del inp
             opt.zero_grad(set_to_none=True)
             free_memory(dev)
+    tried = {}
     if a.batch:
-        B, tried = a.batch, {}
+        B = a.batch
     else:
-        B, tried = time_limited(left(0.5 * a.budget), lambda: largest_batch(fits, a.max_batch, deadline - 0.5 * a.budget))
+        try:
+            B, _ = time_limited(left(0.5 * a.budget),
+                                lambda: largest_batch(fits, a.max_batch, deadline - 0.5 * a.budget, tried))
+        except OverBudget:                                     # out of time: the largest batch that fitted
+            B = max([b for b, ok in tried.items() if ok], default=0)
     info['batch'], info['batch_search'] = B, {str(k): v for k, v in tried.items()}
     tick(f'batch {B}')
     if B == 0:
@@ -1322,8 +1404,14 @@ def gpu(a):
     # 2. FLOPs of each pass at batch 1 (scaled by B; eager), then the passes at batch B
     inp1 = gpu_inputs(1, dev, args)
     p1 = gpu_passes(student, teacher, ema, opt, inp1, args, autocast)
-    flops = {k: count_flops(fn) for k, fn in p1.items() if k not in ('iterations', 'state')}
-    flops['iteration'] = count_flops(p1['iterations']('fp32')) / args.freq
+    flops = {}
+    try:
+        for k, fn in p1.items():
+            if k not in ('iterations', 'state', 'cm_fp32_compiled'):
+                flops[k] = count_flops(fn)
+        flops['iteration'] = count_flops(p1['iterations']('fp32')) / args.freq
+    except Exception as e:                                     # noqa: BLE001 -- the rows go without a floor
+        info['flop_error'] = f'{type(e).__name__}: {" ".join(str(e).split())[:200]}'
     opt.zero_grad(set_to_none=True)
     del inp1, p1
     tick('FLOPs')
@@ -1335,7 +1423,7 @@ def gpu(a):
             sec = timed(fn, a.repeats, dev) / per
             peak, extra = peak_memory(fn, dev)
             out = dict(batch=B, sec=sec, images_s=B / sec, peak=peak, extra=extra)
-            if flop_key:
+            if flop_key in flops:
                 out['flops'] = flops[flop_key] * B
                 out['floor'] = out['flops'] / info['bf16_flops']
             return out
@@ -1355,8 +1443,9 @@ def gpu(a):
         tick(name.split(':')[0])
         report()
 
-    # 3. with torch.compile: the teacher as train.py --compile does, and the student's forward and FM step
+    # 3. with torch.compile: the teacher (train.py --compile), the student's JVPs (--compile-jvp), its forward
     if a.compile:
+        from torch._dynamo.utils import counters
         compiled = {}
 
         def compile_then(key, make, fn_of):
@@ -1364,24 +1453,27 @@ def gpu(a):
                 if key not in compiled:
                     compiled[key] = make()
                 fn = fn_of(compiled[key])
+                graphs = counters['stats']['unique_graphs']
                 t0 = time.perf_counter()
                 fn()                                           # the first call compiles
                 if dev.type == 'cuda':
                     torch.cuda.synchronize(dev)
-                return dict(compile_s=time.perf_counter() - t0)
+                return dict(compile_s=time.perf_counter() - t0, graphs=counters['stats']['unique_graphs'] - graphs)
             return run
         it = passes['iterations']
         jobs = [(f'DE-CM iteration, freq {a.freq} average, fp32 JVP, teacher compiled (train.py --compile)',
                  'teacher', lambda: torch.compile(teacher), lambda tc: it('fp32', tc), a.freq, 'iteration'),
                 (f'DE-CM iteration, freq {a.freq} average, bf16 JVP, teacher compiled (train.py --compile)',
                  'teacher', lambda: torch.compile(teacher), lambda tc: it('bf16', tc), a.freq, 'iteration'),
-                ('CM step, fp32 JVP, the whole step compiled (torch.compile of cm_loss + backward)', 'cm_step',
-                 lambda: torch.compile(passes['cm_fp32']), lambda f: f, 1, 'cm_fp32'),
+                ('CM step, fp32 JVP, JVP + backward compiled (train.py --compile-jvp)', 'cm_step',
+                 lambda: passes['cm_fp32_compiled'], lambda f: f, 1, 'cm_fp32'),
+                (f'DE-CM iteration, freq {a.freq} average, fp32 JVP, train.py --compile --compile-jvp', 'teacher',
+                 lambda: torch.compile(teacher), lambda tc: it('fp32', tc, True), a.freq, 'iteration'),
                 ('one forward pass, student compiled', 'student', lambda: torch.compile(student),
                  lambda sc: gpu_passes(sc, teacher, ema, opt, inp, args, autocast)['forward'], 1, 'forward'),
                 ('FM step, student compiled', 'student', lambda: torch.compile(student),
                  lambda sc: gpu_passes(sc, teacher, ema, opt, inp, args, autocast)['fm'], 1, 'fm')]
-        share = [0.45, 0.3, 0.5, 0.5, 1.0]                   # the teacher's compile first (train.py --compile)
+        share = [0.3, 0.2, 0.6, 0.6, 0.5, 1.0]               # of the time left when the row starts
         for i, (name, key, make, fn_of, per, fkey) in enumerate(jobs):
             def run(key=key, make=make, fn_of=fn_of, per=per, fkey=fkey):
                 first = compile_then(key, make, fn_of)()
@@ -1426,11 +1518,13 @@ def gpu_report(results, info, rows):
         flo = r.get('flops')
         gflop, floor, ratio = ('-', '-', '-') if flo is None else (f'{flo / 1e9:.4g}', ms(r['floor']),
                                                                    f'{r["sec"] / r["floor"]:.2f}')
-        comp = f'{r["compile_s"]:.1f}' if 'compile_s' in r else '-'
+        comp = f'{r["compile_s"]:.1f} ({r["graphs"]} graphs)' if 'compile_s' in r else '-'
         if 'grad_rel_err' in r:
             comp += f' (gradients vs eager: rel. diff. {r["grad_rel_err"]:.1e})'
         lines.append(f'| {r["name"]} | {r["batch"]} | {ms(r["sec"])} | {r["images_s"]:.1f} | {gib(r["peak"])} | '
                      f'{gib(r["extra"])} | {gflop} | {floor} | {ratio} | {comp} |')
+    if 'flop_error' in info:
+        lines += ['', f'FLOP counting failed: {info["flop_error"]}']
     lines += ['', 'FLOPs: torch.utils.flop_counter.FlopCounterMode (matmuls, convolutions, attention) of each pass '
               'at batch 1, times the batch; the bf16 JVP rows use the fp32 rows\' count. The DE-CM iteration is '
               'train.train_step itself (teacher calls, both losses, clipping, AdamW, EMA), averaged over freq '
@@ -1442,6 +1536,101 @@ def gpu_report(results, info, rows):
     write_atomic(os.path.join(results, 'gpu.md'), md)
     write_atomic(os.path.join(results, 'gpu.json'), json.dumps(dict(info, rows=rows), indent=1, default=str) + '\n')
     return md
+
+
+# ----------------------------------------------------------------------------- jvp-dtype
+def jvp_errors(preset, seed, B=16):
+    """Relative error of the CM and N2N tangents dF and of g_cm, in fp32 and in bf16 (autocast), against
+    a float64 JVP of the same random student (weights perturbed so that no weight is zero)."""
+    torch.manual_seed(seed)
+    m64 = DiT(preset, in_channels=1, input_size=16, num_classes=10)
+    with torch.no_grad():
+        for p in m64.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    m64 = m64.double()
+    m32 = copy.deepcopy(m64).float()
+    g = torch.Generator().manual_seed(seed)
+    x, v = torch.randn(B, 1, 16, 16, generator=g, dtype=torch.float64), torch.randn(B, 1, 16, 16, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 11, (B,), generator=g)
+    t = torch.rand(B, generator=g, dtype=torch.float64)
+    r = 0.05 * torch.rand(B, generator=g, dtype=torch.float64)
+    one = torch.ones_like(t)
+    cases = {'CM (v, 1, 0) at (x_t, t, 1)': (x, t, one, (v, one, 0 * t)),
+             'N2N (v, 1, -1) at (x_r, r, t)': (x, r, t, (v, one, -one))}
+    rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()
+    out = {}
+    residual = {'CM (v, 1, 0) at (x_t, t, 1)': lambda F_, d_, v_, a_, b_: losses.cm_residual(F_, d_, v_, a_)[0],
+                'N2N (v, 1, -1) at (x_r, r, t)':                     # g_n2n with v_r = v_psi = v
+                lambda F_, d_, v_, a_, b_: losses.n2n_residual(F_, d_, v_, v_, a_, b_)[0]}
+    for name, (x_, a_, b_, tan) in cases.items():
+        F64, d64 = losses.model_jvp(m64, x_, a_, b_, y, tan, fused=False)
+        g64 = residual[name](F64, d64, v, a_, b_)
+        for label, dtype in [('fp32', torch.float32), ('bf16', torch.bfloat16)]:
+            f = lambda z: z.float()
+            F_, d_ = losses.model_jvp(m32, f(x_), f(a_), f(b_), y, tuple(f(z) for z in tan), fused=False, dtype=dtype)
+            g_ = residual[name](F_.float(), d_.float(), f(v), f(a_), f(b_))
+            out[(name, label)] = (rel(d_, d64), rel(g_, g64))
+    return out
+
+
+def jvp_dtype(a):
+    """bench.py jvp-dtype: the JVP's error in fp32 and bf16 against float64, and a short CPU run with each."""
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
+    os.makedirs(a.results, exist_ok=True)
+    lines = ['# The JVP in fp32 and in bf16 (`--jvp-dtype`)', '',
+             f'Relative error |dF - dF_64| / |dF_64| of the tangent, and of the residual g of the target '
+             f'(CM: g_cm = F - v - (1 - t) dF; N2N: g_n2n with v_r = v_psi = v), against a '
+             f'float64 JVP of the same random student (weights perturbed, batch 16, 1x16x16, torch.func.jvp; '
+             f'bf16: under CPU bf16 autocast). Median over {a.seeds} seeds.', '',
+             '| preset | tangent | dF fp32 | dF bf16 | g fp32 | g bf16 |', '|---|---|---|---|---|---|']
+    raw = {}
+    for preset in a.presets:
+        errs = [jvp_errors(preset, s) for s in range(a.seeds)]
+        for case in dict.fromkeys(k[0] for k in errs[0]):
+            med = {lab: [statistics.median(e[(case, lab)][i] for e in errs) for i in (0, 1)] for lab in ('fp32', 'bf16')}
+            raw[f'{preset} {case}'] = med
+            lines.append(f'| {preset} | {case} | {med["fp32"][0]:.1e} | {med["bf16"][0]:.1e} | {med["fp32"][1]:.1e} | '
+                         f'{med["bf16"][1]:.1e} |')
+    # a short run with each: the same teacher, seed, data and draws; only the JVP precision differs
+    teacher_dir = os.path.join(a.runs, 'teacher')
+    run_train(['--losses', 'fm', '--teacher', 'none', '--out', teacher_dir, '--steps', str(a.teacher_steps),
+               '--lr', '1e-3', '--batch', str(a.batch), '--resume', 'auto', '--seed', '0'])
+    teacher = train.load_teacher(train.latest_checkpoint(teacher_dir), in_channels=1, input_size=16)
+    ds = train.LatentFolder(train.BUILTIN_DIR)
+    curves = {}
+    for label in ('fp32', 'bf16'):
+        torch.manual_seed(0)
+        args = train.parse_args(['--teacher', 'given', '--jvp-dtype', label, '--lr', '3e-4'])
+        student = student_from_teacher(teacher)
+        ema = copy.deepcopy(student).requires_grad_(False)
+        opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, args.beta2))
+        stream = train.data_stream(ds, a.batch, 0, 0, 1, 0, 0)
+        curves[label] = []
+        for it in tqdm(range(a.steps), desc=f'jvp-dtype {label}', leave=False):
+            lat, lat_flip, y = next(stream)
+            x = train.prepare_batch(lat, lat_flip, ds.mean, ds.std, torch.device('cpu'))
+            log, _ = train.train_step(student, ema, teacher, opt, (x, y), it, args, 1,
+                                      torch.autocast('cpu', enabled=False))
+            curves[label].append({k: float(v) for k, v in log.items()})
+    last = a.steps // 3
+    lines += ['', f'Short run: the built-in digits, a teacher trained for {a.teacher_steps} flow-matching steps, then '
+              f'{a.steps} DE-CM iterations (tiny preset, batch {a.batch}, lr 3e-4, freq 3) with each JVP precision from '
+              f'the same seed (same data and draws); the other passes in fp32. The first iteration\'s losses, '
+              f'then the mean over the last {last} iterations (the two runs drift apart as their updates differ):',
+              '', '| loss | iteration 0, fp32 JVP | bf16 JVP | difference | last iterations, fp32 JVP | bf16 JVP '
+              '| difference |', '|---|---|---|---|---|---|---|']
+    for k in ('cm', 'fm', 'n2n', 'fm2'):
+        first = {lab: c[0][k] for lab, c in curves.items()}
+        m = {lab: statistics.mean(c[k] for c in curves[lab][-last:] if k in c) for lab in curves}
+        raw[f'run {k}'] = dict(first=first, last=m)
+        lines.append(f'| {k} | {first["fp32"]:.4f} | {first["bf16"]:.4f} | '
+                     f'{(first["bf16"] - first["fp32"]) / first["fp32"]:+.2%} | {m["fp32"]:.4f} | {m["bf16"]:.4f} | '
+                     f'{(m["bf16"] - m["fp32"]) / m["fp32"]:+.1%} |')
+    lines += ['', f'Command: python bench.py {a.command}']
+    write_atomic(os.path.join(a.results, 'jvp_dtype.md'), '\n'.join(lines) + '\n')
+    write_atomic(os.path.join(a.results, 'jvp_dtype.json'), json.dumps(dict(errors=raw, curves=curves), indent=1) + '\n')
+    print('\n'.join(lines))
 
 
 # ----------------------------------------------------------------------------- command line
@@ -1608,6 +1797,12 @@ def main(argv=None):
     p.add_argument('--w-cfg', type=float, default=2.0, help='CFG weight of the teacher (distillation, sampler)')
     p.add_argument('--device', default='auto', help='auto, cpu or cuda')
     p.add_argument('--seed', type=int, default=0, help='seed of the random models and data')
+    p.add_argument('--jvp-steps', action='store_true', help='only the CM step (eager and compiled, '
+                   'train.py --compile-jvp) against the FM step, interleaved -> results/jvp_steps.md')
+    p.add_argument('--clock', default='wall', choices=['wall', 'cpu'], help='--jvp-steps: wall time, or the '
+                   "process's CPU time (steadier on a machine that other jobs share; with --threads 1)")
+    p.add_argument('--compile-jvp', action='store_true', help='also time the CM JVP + backward compiled '
+                   '(train.py --compile-jvp; compiles once per preset, 1-2 minutes on a CPU)')
     p.add_argument('--results', default=RESULTS, help='folder for speed.md and speed.json')
     p = sub.add_parser('gpu', help='XL/1 passes on the GPU at the largest batch that fits -> results/gpu.md')
     p.add_argument('--preset', default='XL/1', help='model preset (the paper: XL/1; tiny for a dry run)')
@@ -1630,6 +1825,16 @@ def main(argv=None):
     p.add_argument('--n', type=train.bounded(int, 2), default=2000, help='samples per FD')
     p.add_argument('--data', default=None, help='latents folder of the real images (default: the built-in digits)')
     p.add_argument('--threads', type=train.bounded(int, 0), default=0, help='torch.set_num_threads (0: the default)')
+    p = sub.add_parser('jvp-dtype', help='JVP error in fp32 / bf16 against float64, and a short run with each')
+    p.add_argument('--presets', nargs='+', default=['tiny', 'small'], choices=list(train.PRESETS),
+                   help='presets of the error table')
+    p.add_argument('--seeds', type=train.bounded(int, 1), default=3, help='random students per preset (the median is kept)')
+    p.add_argument('--teacher-steps', type=int, default=300, help='flow-matching steps of the teacher')
+    p.add_argument('--steps', type=int, default=60, help='DE-CM iterations of each short run')
+    p.add_argument('--batch', type=int, default=64, help='batch size of the teacher and the short runs')
+    p.add_argument('--runs', default='runs/jvp-dtype', help='folder for the teacher run')
+    p.add_argument('--threads', type=int, default=0, help='torch.set_num_threads (0: leave the default)')
+    p.add_argument('--results', default=RESULTS, help='folder for jvp_dtype.md and jvp_dtype.json')
     a = ap.parse_args(argv)
     a.command = ' '.join(sys.argv[1:] if argv is None else argv)
     try:
@@ -1641,7 +1846,7 @@ def main(argv=None):
                 names = [n for n, _, _ in STUDY] if a.configs == ['all'] else a.configs
                 return study_report(a, names)
         {'pipeline': pipeline, 'study': study, 'tables': tables, 'speed': speed, 'estimate': estimate, 'gpu': gpu,
-         'mix': mix_sweep}[a.cmd](a)
+         'mix': mix_sweep, 'jvp-dtype': jvp_dtype}[a.cmd](a)
     except ValueError as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)

@@ -40,7 +40,10 @@ tangent graph alive until backward (about 2.5x the activation memory). `fused=Fa
 under no_grad and a separate forward for the loss.
 JVP precision (`jvp_dtype`): float32 by default (autocast off, TF32 matmuls on CUDA); bfloat16 runs
 the JVP under bf16 autocast like the other passes (README: its error against a float64 JVP).
+Compiled JVP (`compiled=True`, train.py --compile-jvp): the same function under torch.compile, so that
+the JVP and the backward through its primal run as generated kernels (README: the speed-up on CPU).
 """
+import functools
 import math
 
 import torch
@@ -60,17 +63,33 @@ def bcast(t, x):
     return t.view(-1, *[1] * (x.dim() - 1))
 
 
-def model_jvp(model, x, t, s, y, tangents, fused=True, dtype=torch.float32):
+def jvp_of_model(model, x, t, s, y, tangents):
+    """torch.func.jvp of F at (x, t, s) along tangents, with explicit softmax attention. The tangent is
+    detached here, inside the compiled graph: returned attached, its (unused) gradient reaches the
+    compiled backward as an immutable zero tensor that inductor may write into ('ZeroTensors are
+    immutable')."""
+    out, dout = jvp(lambda x_, t_, s_: model(x_, t_, s_, y, explicit_attention=True), (x, t, s), tangents)
+    return out, dout.detach()
+
+
+@functools.cache
+def compiled_jvp_of_model():
+    """torch.compile(jvp_of_model), made on first use (importing torch._dynamo takes seconds)."""
+    return torch.compile(jvp_of_model)
+
+
+def model_jvp(model, x, t, s, y, tangents, fused=True, dtype=torch.float32, compiled=False):
     """(F(x, t, s, y), dF along tangents=(dx, dt, ds)), with explicit softmax attention (forward-mode
     AD has no rule for the fused SDPA kernels), in float32 (or the model's float64) or under bfloat16
-    autocast (dtype=torch.bfloat16). fused=True keeps the primal differentiable."""
-    fn = lambda x_, t_, s_: model(x_, t_, s_, y, explicit_attention=True)
+    autocast (dtype=torch.bfloat16). fused=True keeps the primal differentiable. compiled=True runs
+    the JVP (and, when fused, the backward through its primal) as torch.compile'd graphs."""
+    fn = compiled_jvp_of_model() if compiled else jvp_of_model
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         if fused:
-            out, dout = jvp(fn, (x, t, s), tangents)
-            return out.to(x.dtype), dout.detach().to(x.dtype)   # the tangent is a constant of the loss
+            out, dout = fn(model, x, t, s, y, tangents)
+            return out.to(x.dtype), dout.to(x.dtype)          # the tangent is a constant of the loss
         with torch.no_grad():
-            out, dout = jvp(fn, (x, t, s), tangents)
+            out, dout = fn(model, x, t, s, y, tangents)
     return model(x, t, s, y), dout.to(x.dtype)
 
 
@@ -83,13 +102,13 @@ def cm_residual(F_cm, dF, v, t, w1=1.0, w1_power=0.0, g_clip=0.0):
     return g, F_cm - bcast(w, g) * g_used                      # l.10: v_tar = sg(F) - w1(t) g_cm
 
 
-def cm_loss(model, x_t, t, y, v, w1=1.0, p=0.5, c=1e-3, fused=True, jvp_dtype=torch.float32, w1_power=0.0,
-            g_clip=0.0, time_weight='none'):
+def cm_loss(model, x_t, t, y, v, w1=1.0, p=0.5, c=1e-3, fused=True, jvp_dtype=torch.float32, compiled=False,
+            w1_power=0.0, g_clip=0.0, time_weight='none'):
     """L_cm of Eq. 10 at s = 1 (time_weight 'cos': each sample weighted by cos(pi t / 2)).
     Returns (loss, F_cm detached)."""
     one = torch.ones_like(t)
     # l.8: F_cm, dF/dt <- JVP(F, (x_t, t, 1), (v, 1, 0))
-    F_cm, dF = model_jvp(model, x_t, t, one, y, (v, one, torch.zeros_like(t)), fused, jvp_dtype)
+    F_cm, dF = model_jvp(model, x_t, t, one, y, (v, one, torch.zeros_like(t)), fused, jvp_dtype, compiled)
     _, target = cm_residual(F_cm.detach(), dF, v, t, w1, w1_power, g_clip)
     weight = torch.cos(math.pi / 2 * t) if time_weight == 'cos' else None
     return adaptive_l2(F_cm, target, p, c, weight), F_cm.detach()   # l.11: d1(F_cm, v_tar)
@@ -102,12 +121,12 @@ def n2n_residual(F_n2n, dF, v_r, v_psi, r, t, lam=1.0, gam=1.0, w2=1.0):
 
 
 def n2n_loss(model, x_r, r, t, y, v_r, v_psi, lam=1.0, gam=1.0, w2=1.0, p=0.5, c=1e-3, fused=True,
-             jvp_dtype=torch.float32):
+             jvp_dtype=torch.float32, compiled=False):
     """L_n2n of Eq. 15. v_psi, the teacher velocity at time t (see the docstring), is a tensor or a
     function of the N2N output F (to evaluate the teacher at f(x_r, r, t)). Returns (loss, F)."""
     # l.22: F_n2n, dF <- JVP(F, (x_r, r, t), (lambda v_r, lambda, -gamma))
     tangents = (lam * v_r, torch.full_like(r, lam), torch.full_like(t, -gam))
-    F_n2n, dF = model_jvp(model, x_r, r, t, y, tangents, fused, jvp_dtype)
+    F_n2n, dF = model_jvp(model, x_r, r, t, y, tangents, fused, jvp_dtype, compiled)
     v_psi = v_psi(F_n2n.detach()) if callable(v_psi) else v_psi
     _, target = n2n_residual(F_n2n.detach(), dF, v_r, v_psi, r, t, lam, gam, w2)
     return adaptive_l2(F_n2n, target, p, c), F_n2n.detach()   # l.25

@@ -10,6 +10,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -2333,3 +2334,48 @@ def test_eval_on_latents_decodes_and_scores_fid(tmp_path, monkeypatch):
     with Image.open(os.path.join(out, 'samples', 'step_0000002.png')) as im:
         assert im.width > 2 * 64 and im.height >= 64                 # two panels of decoded 64x64 images
     assert os.path.exists(os.path.join(out, 'curves.png'))
+
+
+@pytest.mark.skipif(not any(shutil.which(c) for c in ('g++', 'c++', 'clang++')),
+                    reason='torch.compile on CPU needs a C++ compiler')
+def test_compiled_jvp_gives_the_eager_jvp_and_gradients():
+    """--compile-jvp: the compiled fused JVP (and the compiled backward through its primal, which once
+    crashed with 'ZeroTensors are immutable' while the tangent left the graph attached) gives the eager
+    output, tangent, loss and parameter gradients in float64. One compile of a 2-block model: the N2N
+    tangent runs the same function (bench.py gpu checks its gradients on XL/1 too)."""
+    m = random_dit(preset=dict(depth=2, hidden=32, heads=2, patch=2))
+    x, v, y = batch()
+    t, one = torch.tensor([0.2, 0.5, 0.7], dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    runs = []
+    for compiled in (False, True):
+        m.zero_grad(set_to_none=True)
+        F_, dF = losses.model_jvp(m, x, t, one, y, (v, one, torch.zeros_like(t)), fused=True, compiled=compiled)
+        _, target = losses.cm_residual(F_.detach(), dF, v, t)
+        loss = losses.adaptive_l2(F_, target)
+        loss.backward()
+        runs.append((F_.detach(), dF, loss.detach(),
+                     torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])))
+    (F0, d0, l0, g0), (F1, d1, l1, g1) = runs
+    assert not d1.requires_grad and d0.abs().max() > 1e-3 and g0.norm() > 0
+    assert rel_err(F1, F0) < 1e-12 and rel_err(d1, d0) < 1e-12 and abs(l1 - l0) < 1e-12 * abs(l0)
+    assert rel_err(g1, g0) < 1e-10
+
+
+def test_jvp_dtype_error_against_float64(teacher_ckpt):
+    """--jvp-dtype: the fp32 JVP is float64's to single precision, the bf16 one (under bf16 autocast) to
+    bf16's; an iteration with the bf16 JVP logs the fp32 one's losses within bf16 rounding."""
+    errs = bench.jvp_errors('tiny', seed=0, B=4)
+    for case in ('CM (v, 1, 0) at (x_t, t, 1)', 'N2N (v, 1, -1) at (x_r, r, t)'):
+        assert errs[(case, 'fp32')][0] < 1e-5 and errs[(case, 'fp32')][1] < 1e-5, errs
+        assert 1e-4 < errs[(case, 'bf16')][0] < 5e-2 and errs[(case, 'bf16')][1] < 5e-2, errs
+    logs = {}
+    for jvp in ('fp32', 'bf16'):
+        args, teacher, student, ema, opt = step_setup(teacher_ckpt, ['--freq', '1', '--jvp-dtype', jvp])
+        x, y, draws = fixed_batch()
+        logs[jvp], ok = train.train_step(student, ema, teacher, opt, (x, y), 0, args, 1,
+                                         torch.autocast('cpu', enabled=False), draws)
+        assert ok
+    for k in ('cm', 'n2n'):
+        assert logs['bf16'][k] != logs['fp32'][k] and abs(logs['bf16'][k] / logs['fp32'][k] - 1) < 0.02, logs
+    for k in ('fm', 'fm2'):
+        assert abs(logs['bf16'][k] / logs['fp32'][k] - 1) < 0.02, logs
