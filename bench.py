@@ -290,7 +290,8 @@ def decm_argv(a, teacher_ckpt, out, seed, steps):
     return ['--seed', str(seed), '--batch', str(a.decm_batch), '--teacher', teacher_ckpt, '--out', out,
             '--steps', str(steps), '--lr', str(a.decm_lr), '--w-cfg', str(a.w_cfg), '--eta', str(a.eta),
             '--device', a.device, '--amp', a.amp, '--resume', 'auto', '--keep', '1'] + \
-        (['--data', a.data] if a.data else []) + list(a.extra)
+        (['--data', a.data] if a.data else []) + (['--ema-warmup'] if getattr(a, 'ema_warmup', False) else []) + \
+        list(a.extra)
 
 
 def train_teacher(a):
@@ -338,9 +339,10 @@ def pipeline(a):
     for argv in jobs:
         check_run(argv[argv.index('--out') + 1], argv, a.decm_steps)
     if a.jobs > 1:
-        failed = run_parallel([['train.py'] + argv for argv in jobs], a.jobs, os.path.join(a.runs, 'logs'))
+        logs = os.path.join(a.runs, 'logs', 'pipeline')
+        failed = run_parallel([['train.py'] + argv for argv in jobs], a.jobs, logs)
         if failed:
-            raise ValueError(f'{len(failed)} DE-CM run(s) failed: see {os.path.join(a.runs, "logs")}')
+            raise ValueError(f'{len(failed)} DE-CM run(s) failed: see {logs}')
     else:
         for argv in jobs:
             run_train(argv)
@@ -404,7 +406,8 @@ def pipeline(a):
               f'{pm(fds["two sets of real data", "-"])}.',
               f'Settings: teacher {a.teacher_steps} flow-matching iterations (batch {a.batch}, lr {a.teacher_lr:g}, '
               f'seed {a.teacher_seed}); DE-CM {a.decm_steps} iterations per seed (batch {a.decm_batch}, lr '
-              f'{a.decm_lr:g}, w_cfg {a.w_cfg:g}, eta {a.eta:g}{", " + " ".join(a.extra) if a.extra else ""}); '
+              f'{a.decm_lr:g}, w_cfg {a.w_cfg:g}, eta {a.eta:g}{", EMA warm-up" if a.ema_warmup else ""}'
+              f'{", " + " ".join(a.extra) if a.extra else ""}); '
               f'seed s trains DE-CM with seed s and samples every row with noise seed s against real subset s.',
               f'Time: teacher {t1 - t0:.0f} s, DE-CM {t2 - t1:.0f} s ({a.jobs} at a time), sampling and FD '
               f'{t3 - t2:.0f} s; total {t3 - t0:.0f} s on {dev} ({torch.get_num_threads()} threads).',
@@ -507,7 +510,7 @@ def study(a):
     jobs = [common + ['--one', 'teacher:0']]
     jobs += [common + ['--one', f'{n}:{s}'] for s in a.seeds for n in names]   # seeds in turn: a stopped
     # study has every configuration at the same seeds
-    failed = run_parallel(jobs, a.jobs, os.path.join(a.runs, 'logs'),
+    failed = run_parallel(jobs, a.jobs, os.path.join(a.runs, 'logs', 'study'),
                           deadline=time.time() + a.stop_after + 30 if a.stop_after else None)
     study_report(a, names, failed)
 
@@ -552,7 +555,7 @@ def study_report(a, names, failed=()):
     lines += [row for _, row in sorted(summary, key=lambda r: r[0])]
     lines += ['', 'Configurations: ' + '; '.join(f'**{n}**: {desc[n][0]}' for n in names) + '.']
     if failed:
-        lines += ['', f'{len(failed)} job(s) failed or were stopped (see {os.path.join(a.runs, "logs")}).']
+        lines += ['', f'{len(failed)} job(s) failed or were stopped (see {os.path.join(a.runs, "logs", "study")}).']
     lines += every + ['', f'Command: python bench.py {a.command}']
     os.makedirs(a.results, exist_ok=True)
     write_atomic(os.path.join(a.results, 'study.md'), '\n'.join(lines) + '\n')
@@ -1737,6 +1740,8 @@ def main(argv=None):
     p = sub.add_parser('pipeline', help='the whole miniature pipeline with an FD table over seeds')
     common(p, 'runs/pipe')
     p.add_argument('--decm-steps', type=int, default=400, help='DE-CM iterations')
+    p.add_argument('--no-ema-warmup', dest='ema_warmup', action='store_false', help='constant EMA decay for the '
+                   'DE-CM runs (default: train.py --ema-warmup, which the study found better at 1 and 2 NFE)')
     p.add_argument('--publish', action='store_true', help='also copy pipeline.md/.json/.png into --results '
                    '(by default they stay in --runs)')
     p.add_argument('extra', nargs='*', help='more train.py flags for the DE-CM runs (after --)')
