@@ -448,6 +448,8 @@ STUDY = [
     ('lr1e-3-emawarm', 'lr 1e-3, EMA warm-up', ['--lr', '1e-3', '--ema-warmup']),
     ('lr1e-3-emawarm-facm', 'lr 1e-3, EMA warm-up, facm', ['--lr', '1e-3', '--ema-warmup', '--w1-power', '0.5',
                                                             '--g-clip', '1', '--cm-weight', 'cos']),
+    ('ew-p0', 'lr 1e-3, EMA warm-up, plain L2 (p = 0)', ['--lr', '1e-3', '--ema-warmup', '--p', '0']),
+    ('ew-seg4', 'lr 1e-3, EMA warm-up, N = 4 segments', ['--lr', '1e-3', '--ema-warmup', '--segments', '4']),
     ('b256-lr2e-3', 'batch 256, lr 2e-3', ['--batch', '256', '--lr', '2e-3']),
     ('b256-lr1e-3-facm', 'batch 256, lr 1e-3, facm', ['--batch', '256', '--lr', '1e-3', '--w1-power', '0.5',
                                                       '--g-clip', '1', '--cm-weight', 'cos']),
@@ -608,7 +610,7 @@ RUN_FLAGS_IGNORED = {'steps', 'resume', 'loss_set', 'log_every', 'ckpt_every', '
 def table3_sampler(key, step):
     """The sampler of one Table 3 cell: teachers use their Euler sampler, students the CM sampler at
     1/2/4 NFE and the Euler ODE sampler at 50 (the paper's STEP=50 column)."""
-    if key in ('a', 'b'):
+    if key in ('a', 'b', 'b*'):
         return 'teacher'
     return 'euler' if step == 50 else 'cm'
 
@@ -632,81 +634,129 @@ def check_run(out, argv, steps):
                          f'give another --runs folder or delete it')
 
 
+# The orderings README reads from the tables: (first, second, what the comparison is about).
+T3_PAIRS = [('g', 'e', 'N2N added to FM + CD'), ('e', 'd', 'FM added to CD'), ('e', 'c', 'CD added to FM'),
+            ('f', 'g', 'FM + N2N against the full model'), ('h', 'i', 'velocity normalisation on / off'),
+            ('j', 'k', 'uniform-with-N-seg against arctan'), ('j', 'l', 'uniform-with-N-seg against logit-normal'),
+            ('n', 'm', 'freq 3 against freq 1'), ('n', 'o', 'freq 3 against freq 5')]
+T4_PAIRS = [('mix', 'cm', 'Mix against CM'), ('mix', 'euler', 'Mix against Euler ODE')]
+TEACHER_ROWS = {'a': ('cfg', 1.0), 'b': ('cfg', None), 'b*': ('apg', None)}   # None: --w-cfg
+
+
+def ordering(first, second):
+    """'better' / 'worse' (first against second, lower FD is better) when the difference of the means is
+    outside the noise (outside_noise), else 'within noise'."""
+    if not outside_noise(first, second):
+        return 'within noise'
+    return 'better' if mean_sd(first)[0] < mean_sd(second)[0] else 'worse'
+
+
 def tables(a):
+    """Table 3 (a)-(o) and Table 4 in miniature: one teacher, every variant of --rows distilled from it with
+    each of --seeds, every cell a pixel FD per seed (mean +- sd), the orderings README discusses tested
+    against the seed noise -> results/tables.md/.json/.png and tables_samples/."""
     quick = a.quick
-    if a.threads > 0:
-        torch.set_num_threads(a.threads)
+    train.set_threads(a.threads)
     a.teacher_steps = a.teacher_steps or (200 if quick else 1500)
     a.decm_steps = a.decm_steps or (8 if quick else 200)
     a.n = a.n or (200 if quick else 1000)
+    a.seeds = a.seeds or ([0] if quick else [0, 1, 2])
     a.runs = a.runs or ('runs/tables-quick' if quick else 'runs/tables')
     name = 'tables_quick' if quick else 'tables'
     os.makedirs(a.results, exist_ok=True)
     if a.n < 2:
         raise ValueError(f'--n {a.n}: need at least 2 samples per FD')
+    all_runs = {k: flags for k, _, _, flags in TABLE3 if isinstance(flags, list)}
+    keys = a.rows or list(all_runs)
+    bad = [k for k in keys if k not in all_runs]
+    if bad or 'g' not in keys:
+        raise ValueError(f'--rows {" ".join(keys)}: give rows from {" ".join(all_runs)}, with g (the full model: '
+                         'Table 4 and rows h, j, n)' + (f'; unknown: {" ".join(bad)}' if bad else ''))
+    runs = {k: all_runs[k] for k in all_runs if k in keys}
+    table3 = TABLE3[:2] + [('b*', 'Training Objectives', 'Baseline Teacher, distilled velocity', None)] + TABLE3[2:]
+    shown = [k for k, _, _, flags in table3 if k in TEACHER_ROWS or k in runs or (isinstance(flags, str) and flags in runs)]
     data = ['--data', a.data] if a.data else []
-    base = ['--seed', str(a.seed), '--batch', str(a.batch)] + data
-    runs = {k: flags for k, _, _, flags in TABLE3 if isinstance(flags, list)}
-    same = {k: flags for k, _, _, flags in TABLE3 if isinstance(flags, str)}
     t0 = time.time()
-    times = {}
 
-    # 1. the teacher, then every distinct variant from it (same budget, same seed)
-    jobs = (0 if a.teacher else 1) + len(runs)
-    bar = tqdm(total=jobs, desc='tables: training', dynamic_ncols=True)
+    # 1. the teacher, then every variant from it, for every seed (same budget; seed s for run and sampling)
     if a.teacher:
         teacher_ckpt = resolve_checkpoint(a.teacher)
     else:
         teacher_dir = os.path.join(a.runs, 'teacher')
-        argv = base + ['--losses', 'fm', '--teacher', 'none', '--out', teacher_dir, '--steps',
-                       str(a.teacher_steps), '--lr', str(a.teacher_lr), '--resume', 'auto']
+        argv = ['--seed', str(a.seeds[0]), '--batch', str(a.batch)] + data + [
+            '--losses', 'fm', '--teacher', 'none', '--out', teacher_dir, '--steps', str(a.teacher_steps),
+            '--lr', str(a.teacher_lr), '--resume', 'auto']
         check_run(teacher_dir, argv, a.teacher_steps)
-        bar.set_description('tables: training the teacher')
-        t = time.time()
+        print(f'tables: training the teacher ({a.teacher_steps} iterations)', flush=True)
         run_train(argv)
-        times['teacher'] = time.time() - t
-        bar.update(1)
         teacher_ckpt = train.latest_checkpoint(teacher_dir)
-    run_dirs = {}
-    for key, flags in runs.items():
-        out = os.path.join(a.runs, key)
-        argv = base + ['--teacher', teacher_ckpt, '--out', out, '--steps', str(a.decm_steps), '--lr',
-                       str(a.decm_lr), '--w-cfg', str(a.w_cfg), '--resume', 'auto'] + flags
-        check_run(out, argv, a.decm_steps)
-        bar.set_description(f'tables: training ({key}) {" ".join(flags)}')
-        t = time.time()
-        run_train(argv)
-        times[key] = time.time() - t
-        bar.update(1)
-        run_dirs[key] = out
-    bar.close()
     t1 = time.time()
+    run_dir = lambda k, s: os.path.join(a.runs, f'{k}-s{s}')
+    jobs = []
+    for s in a.seeds:
+        for key, flags in runs.items():
+            argv = ['--seed', str(s), '--batch', str(a.batch)] + data + [
+                '--teacher', teacher_ckpt, '--out', run_dir(key, s), '--steps', str(a.decm_steps), '--lr',
+                str(a.decm_lr), '--w-cfg', str(a.w_cfg), '--resume', 'auto', '--keep', '1'] + flags
+            check_run(run_dir(key, s), argv, a.decm_steps)
+            jobs.append(argv)
+    if a.jobs > 1:
+        logs = os.path.join(a.runs, 'logs')
+        failed = run_parallel([['train.py'] + argv for argv in jobs], a.jobs, logs)
+        if failed:
+            raise ValueError(f'{len(failed)} variant run(s) failed: see {logs}')
+    else:
+        for argv in tqdm(jobs, desc='tables: training the variants', dynamic_ncols=True):
+            run_train(argv)
+    t2 = time.time()
 
-    # 2. pixel FD of every cell (Table 3 rows, Table 4 for (g)); grids of a few cells per row
-    real2, real_y = real_pixels(2 * a.n, a.data)
-    real, real_y = real2[:a.n], real_y[:a.n]
-    floor = pixel_fd(real2[a.n:].numpy(), real.numpy()) if len(real2) >= a.n + 2 else float('nan')
+    # 2. pixel FD of every cell and seed (cached in RUNS/fd.json: the command resumes); grids of seed 0
     teacher, t_stats, _ = sample.load_model(teacher_ckpt)
     if t_stats is None:
         raise ValueError(f'{teacher_ckpt} has no data statistics: tables needs a teacher trained by train.py')
-    models = {k: sample.load_model(d) for k, d in run_dirs.items()}
-    cells = [(k, table3_sampler(k, s), s) for k in ['a', 'b'] + list(runs) for s in T3_STEPS]
+    cells = [(k, table3_sampler(k, s), s) for k in list(TEACHER_ROWS) + list(runs) for s in T3_STEPS]
     cells += [('g', smp, nfe) for smp, _, _ in PAPER_T4 for nfe in T4_NFE]
     cells = list(dict.fromkeys(cells))                         # (g, cm, 4) is in both tables
-    fd, panels = {}, {k: [('real data', grid_rows(real, real_y))] for k in ['a', 'b'] + list(runs)}
+    cache_path = os.path.join(a.runs, 'fd.json')
+    cache = load_json(cache_path)
+    fd, floor = {}, []                                         # (row, sampler, nfe) -> [FD per seed]
+    panels = {k: [] for k in list(TEACHER_ROWS) + list(runs)}
     t4_panels = {}
-    for key, smp, nfe in tqdm(cells, desc='tables: sampling + FD', dynamic_ncols=True):
-        if key in ('a', 'b'):
-            targs = type('A', (), dict(cfg=1.0 if key == 'a' else a.w_cfg, cfg_interval_start=0.0, shift=0.0))
-            fd[key, smp, nfe], x, y = fd_of(teacher, t_stats, 'teacher', nfe, real, a.n, targs, a.seed)
-        else:
-            model, stats, _ = models[key]
-            fd[key, smp, nfe], x, y = fd_of(model, stats, smp, nfe, real, a.n, None, a.seed)
-        if nfe in T3_STEPS and smp == table3_sampler(key, nfe):     # a Table 3 cell
-            panels[key].append((f'{smp} {nfe}', grid_rows(x, y)))
-        if key == 'g' and nfe in (T4_NFE[0], T4_NFE[-1]) and smp in [s for s, _, _ in PAPER_T4]:
-            t4_panels[smp, nfe] = (f'{smp} {nfe}', grid_rows(x, y))
-    t2 = time.time()
+    bar = tqdm(total=len(cells) * len(a.seeds), desc='tables: sampling + FD', dynamic_ncols=True)
+    for s in a.seeds:
+        real2, real_y = real_pixels(2 * a.n, a.data, seed=100 + s)
+        real = real2[:a.n]
+        floor.append(fd_cached(cache, f'real|{s}|{a.n}', lambda: pixel_fd(real2[a.n:].numpy(), real.numpy())))
+        grids = s == a.seeds[0]
+        if grids:
+            for k in panels:
+                panels[k].append(('real data', grid_rows(real, real_y[:a.n])))
+        models = {}
+        for key, smp, nfe in cells:
+            cache_key = f'{key}|{smp}|{nfe}|{s}|{a.n}'
+            is_t3 = nfe in T3_STEPS and smp == table3_sampler(key, nfe)
+            is_t4 = key == 'g' and nfe in (T4_NFE[0], T4_NFE[-1])
+            if cache_key not in cache or (grids and (is_t3 or is_t4)):
+                if key in TEACHER_ROWS:
+                    guidance, w = TEACHER_ROWS[key]
+                    targs = type('A', (), dict(cfg=a.w_cfg if w is None else w, cfg_interval_start=0.0, shift=0.0,
+                                               guidance=guidance, eta=a.eta))
+                    value, x, y = fd_of(teacher, t_stats, 'teacher', nfe, real, a.n, targs, s)
+                else:
+                    if key not in models:
+                        models[key] = sample.load_model(run_dir(key, s))
+                    model, stats, _ = models[key]
+                    value, x, y = fd_of(model, stats, smp, nfe, real, a.n, None, s)
+                cache[cache_key] = float(value)
+                write_atomic(cache_path, json.dumps(cache, indent=1))
+                if grids and is_t3:
+                    panels[key].append((f'{smp} {nfe}', grid_rows(x, y)))
+                if grids and is_t4:
+                    t4_panels[smp, nfe] = (f'{smp} {nfe}', grid_rows(x, y))
+            fd.setdefault((key, smp, nfe), []).append(cache[cache_key])
+            bar.update(1)
+    bar.close()
+    t3 = time.time()
 
     # 3. results: markdown, plot, sample grids, raw numbers
     sample_dir = os.path.join(a.results, name + '_samples')
@@ -714,61 +764,86 @@ def tables(a):
     panels['table4'] = panels['a'][:1] + [t4_panels[k] for k in sorted(t4_panels, key=lambda k: (
         [s for s, _, _ in PAPER_T4].index(k[0]), k[1]))]
     for key, p in panels.items():
-        save_panels(os.path.join(sample_dir, f'{key}.png'), p)
-    run_of = lambda k: same.get(k, k)
-    row3 = lambda k: [fd[run_of(k), table3_sampler(k, s), s] for s in T3_STEPS]
-    plot3 = {f'({k}) {SHORT[k]}': list(zip(T3_STEPS, row3(k))) for k in ['a', 'b'] + list(runs)}
-    plot4 = {label: [(n, fd['g', smp, n]) for n in T4_NFE] for smp, label, _ in PAPER_T4}
+        save_panels(os.path.join(sample_dir, f'{key.replace("*", "_apg")}.png'), p)
+    alias = {k: flags for k, _, _, flags in TABLE3 if isinstance(flags, str)}
+    row3 = lambda k: [fd[alias.get(k, k), table3_sampler(k, s), s] for s in T3_STEPS]
+    mean = lambda vals: mean_sd(vals)[0]
+    labels = {'a': 'teacher, no CFG', 'b': f'teacher, CFG w = {a.w_cfg:g}', 'b*': 'teacher, distilled velocity'}
+    plot3 = {f'({k}) {labels.get(k) or SHORT[k]}': [(st, mean(v)) for st, v in zip(T3_STEPS, row3(k))]
+             for k in list(TEACHER_ROWS) + list(runs)}
+    plot4 = {label: [(n, mean(fd['g', smp, n])) for n in T4_NFE] for smp, label, _ in PAPER_T4}
     line_plot(os.path.join(a.results, name + '.png'), [
-        ('Table 3: CM sampler at 1/2/4 NFE, Euler ODE at 50', 'NFE (teachers: Euler steps)', plot3),
+        (f'Table 3: CM sampler at 1/2/4 NFE, Euler ODE at 50 (mean of {len(a.seeds)} seeds)',
+         'NFE (teachers: Euler steps)', plot3),
         ('Table 4, full model (g): samplers', 'NFE', plot4)])
-    f2 = lambda v: f'{v:.2f}' if math.isfinite(v) else 'nan'
+    cell = lambda vals: pm(vals) if math.isfinite(mean(vals)) else 'nan'
     lines = [f'# Table 3 and Table 4 in miniature{" (--quick)" if quick else ""}: pixel FD on the '
-             f'{"built-in digits" if not a.data else a.data}', '',
+             f'{"built-in digits" if not a.data else a.data}, {len(a.seeds)} seed(s) {a.seeds}', '',
              f'Ours: pixel FD (fid.pixel_fd, {a.n} generated vs {a.n} real images, raw pixels; not FID, so '
-             f'compare orderings, not values). Paper: FID on ImageNet-256 (Tables 3 and 4 of the paper). '
-             f'Two sets of real data give a pixel FD of {f2(floor)} (the floor at this n).', '',
-             f'Samplers: STEP=1, 2, 4 is the CM sampler with 1, 2, 4 NFE; STEP=50 is the Euler ODE sampler '
-             f'(F(x, t, t)) with 50 steps. Rows (a), (b): the teacher\'s Euler sampler with 1, 2, 4, 50 steps, '
+             f'compare orderings, not values), mean +- sd over the seeds: seed s trains every variant with seed s '
+             f'and samples every cell with noise seed s against real subset s. Paper: FID on ImageNet-256 (Tables '
+             f'3 and 4 of the paper). Two sets of real data give a pixel FD of {cell(floor)} (the floor at this n).',
+             '', f'Samplers: STEP=1, 2, 4 is the CM sampler with 1, 2, 4 NFE; STEP=50 is the Euler ODE sampler '
+             f'(F(x, t, t)) with 50 steps. Rows (a), (b), (b*): the teacher\'s Euler sampler with 1, 2, 4, 50 steps, '
              f'(a) without CFG, (b) with CFG w = {a.w_cfg:g} (the paper\'s (b) uses w = 1.75; one step of (b) '
-             f'is one batched cond+uncond call). Rows (h), (j), (n) are the run of (g).', '',
-             '## Table 3', '',
+             f'is one batched cond+uncond call), (b*) on the very velocity the variants distil (APG, w = '
+             f'{a.w_cfg:g}, eta = {a.eta:g}; not in the paper): the fair baseline. Rows (h), (j), (n) are the run '
+             f'of (g).', '', '## Table 3', '',
              '| Method | STEP=1 | STEP=2 | STEP=4 | STEP=50 | paper 1 | paper 2 | paper 4 | paper 50 |',
              '|---|---|---|---|---|---|---|---|---|']
     section = None
-    for key, sec, method, flags in TABLE3:
+    for key, sec, method, flags in table3:
+        if key not in shown:
+            continue
         if sec != section:
             lines.append(f'| **{sec}** | | | | | | | | |')
             section = sec
         label = f'({key}) {method}' + (f' (= ({flags}))' if isinstance(flags, str) else '')
         if key == 'b':
             label = f'(b) Baseline Teacher (w = {a.w_cfg:g}; paper 1.75)'
-        lines.append(f'| {label} | ' + ' | '.join(f2(v) for v in row3(key)) + ' | '
-                     + ' | '.join(f'{v:.2f}' for v in PAPER_T3[key]) + ' |')
+        paper = PAPER_T3.get(key)
+        lines.append(f'| {label} | ' + ' | '.join(cell(v) for v in row3(key)) + ' | '
+                     + (' | '.join(f'{v:.2f}' for v in paper) if paper else '- | - | - | -') + ' |')
     lines += ['', '## Table 4 (the full model (g))', '',
               '| Sampling Method | NFE=4 | NFE=8 | NFE=12 | NFE=16 | paper 4 | paper 8 | paper 12 | paper 16 |',
               '|---|---|---|---|---|---|---|---|---|']
     for smp, label, paper in PAPER_T4:
-        lines.append(f'| {label} | ' + ' | '.join(f2(fd['g', smp, n]) for n in T4_NFE) + ' | '
+        lines.append(f'| {label} | ' + ' | '.join(cell(fd['g', smp, n]) for n in T4_NFE) + ' | '
                      + ' | '.join(f'{v:.2f}' for v in paper) + ' |')
+    lines += ['', '## Orderings against the noise', '',
+              f'Each cell: the first row against the second, by the mean over the {len(a.seeds)} seeds: "better" '
+              f'or "worse" when the difference of the means is more than twice its standard error, else "within '
+              f'noise" (one seed: nothing is outside the noise). The paper\'s ordering in brackets.', '',
+              '| first / second | STEP=1 | STEP=2 | STEP=4 | STEP=50 |', '|---|---|---|---|---|']
+    paper_order = lambda x, y: 'better' if x < y else 'worse' if x > y else 'equal'
+    for first, second, what in T3_PAIRS:
+        if first not in shown or second not in shown:
+            continue
+        lines.append(f'| ({first}) / ({second}): {what} | ' + ' | '.join(
+            f'{ordering(f, s_)} ({paper_order(pf, ps)})' for f, s_, pf, ps in
+            zip(row3(first), row3(second), PAPER_T3[first], PAPER_T3[second])) + ' |')
+    paper4 = {smp: p for smp, _, p in PAPER_T4}
+    lines += ['', '| Table 4, first / second | NFE=4 | NFE=8 | NFE=12 | NFE=16 |', '|---|---|---|---|---|']
+    for first, second, what in T4_PAIRS:
+        lines.append(f'| {what} | ' + ' | '.join(
+            f'{ordering(fd["g", first, n], fd["g", second, n])} ({paper_order(pf, ps)})'
+            for n, pf, ps in zip(T4_NFE, paper4[first], paper4[second])) + ' |')
     mix = 'half of the NFE as deterministic flow-map steps up to t = 0.5, then CM steps (sample.py defaults)'
-    budget = (f'teacher {a.teacher_steps} FM iterations (lr {a.teacher_lr:g}), each variant {a.decm_steps} '
-              f'DE-CM iterations (lr {a.decm_lr:g}, CFG w {a.w_cfg:g}), batch {a.batch}, seed {a.seed}'
-              if not a.teacher else f'teacher {teacher_ckpt} (given), each variant {a.decm_steps} DE-CM '
-              f'iterations (lr {a.decm_lr:g}, CFG w {a.w_cfg:g}), batch {a.batch}, seed {a.seed}')
+    teacher_of = (f'teacher {a.teacher_steps} FM iterations (lr {a.teacher_lr:g}, seed {a.seeds[0]})' if not a.teacher
+                  else f'teacher {teacher_ckpt} (given)')
     lines += ['', f'Mix sampler: {mix}.', '',
-              f'Budget: {budget}. The paper trains 250 epochs on ImageNet; the default here (1500 teacher and '
-              f'200 DE-CM iterations per variant at batch 64, n = 1000; pipeline: 2000 / 400 / 2000) is cut so that the '
-              f'whole command fits one hour on 2 CPU cores; `--quick` uses 200 / 8 / 200. At this budget the rows '
-              f'compare short distillation runs, not converged models.',
-              f'Time: training {t1 - t0:.0f} s (' + ', '.join(f'{k} {v:.0f} s' for k, v in times.items())
-              + f'), sampling and FD {t2 - t1:.0f} s; total {time.time() - t0:.0f} s on '
-              f'{torch.get_num_threads()} threads.',
-              f'Runs: {a.runs}/<row>. Plot: {name}.png. Sample grids: {name}_samples/<row>.png '
-              f'(rows: classes; panels: the cells of the row) and {name}_samples/table4.png.',
+              f'Budget: {teacher_of}; each variant {a.decm_steps} DE-CM iterations (lr {a.decm_lr:g}, CFG w '
+              f'{a.w_cfg:g}), batch {a.batch}. The paper trains 250 epochs on ImageNet; here the rows compare short '
+              f'distillation runs, not converged models (`--quick`: 200 / 8 iterations, n = 200, one seed).',
+              f'Time: teacher {t1 - t0:.0f} s, variants {t2 - t1:.0f} s ({len(jobs)} runs, {a.jobs} at a time), '
+              f'sampling and FD {t3 - t2:.0f} s; total {time.time() - t0:.0f} s on {torch.get_num_threads()} '
+              f'thread(s).',
+              f'Runs: {a.runs}/<row>-s<seed>. Plot: {name}.png. Sample grids of seed {a.seeds[0]}: '
+              f'{name}_samples/<row>.png (rows: classes; panels: the cells of the row; b_apg is (b*)) and '
+              f'{name}_samples/table4.png.',
               f'Command: python bench.py {a.command}']
     write_atomic(os.path.join(a.results, name + '.md'), '\n'.join(lines) + '\n')
-    raw = {'floor': floor, 'n': a.n, 'teacher': teacher_ckpt,
+    raw = {'floor': floor, 'n': a.n, 'seeds': a.seeds, 'teacher': teacher_ckpt,
            'fd': [{'row': k, 'sampler': s, 'nfe': n, 'fd': v} for (k, s, n), v in fd.items()]}
     write_atomic(os.path.join(a.results, name + '.json'), json.dumps(raw, indent=1) + '\n')
     print('\n'.join(lines))
@@ -1774,12 +1849,17 @@ def main(argv=None):
                    '(default 1500, quick 200)')
     p.add_argument('--teacher-lr', type=float, default=1e-3, help='teacher learning rate')
     p.add_argument('--decm-steps', type=int, default=None, help='DE-CM iterations of every variant '
-                   '(default 150, quick 8)')
+                   '(default 200, quick 8)')
     p.add_argument('--decm-lr', type=float, default=1e-3, help='DE-CM learning rate of every variant')
     p.add_argument('--w-cfg', type=float, default=2.0, help='CFG weight: distillation and row (b)')
     p.add_argument('--batch', type=int, default=64, help='batch size of every run')
     p.add_argument('--n', type=int, default=None, help='samples per FD (default 1000, quick 200)')
-    p.add_argument('--seed', type=int, default=0, help='seed of every run and of the sampling noise')
+    p.add_argument('--seeds', type=int, nargs='+', default=None, help='seeds: seed s trains every variant and '
+                   'samples every cell (default 0 1 2; quick: 0)')
+    p.add_argument('--rows', nargs='+', default=None, help='the variant runs to make, from c d e f g i k l m o '
+                   '(default all; g is always needed): fewer rows, not fewer seeds, to save time')
+    p.add_argument('--eta', type=float, default=0.05, help='APG eta of the distilled velocity and of row (b*)')
+    p.add_argument('--jobs', type=int, default=1, help='runs trained at a time, as subprocesses of one thread each')
     p.add_argument('--threads', type=train.bounded(int, 0), default=0, help='torch.set_num_threads (0: leave the default); '
                    '1 is much faster than 2 on a 2-core machine that something else keeps busy')
 

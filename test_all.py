@@ -649,7 +649,7 @@ def tiny_tables(tmp_path_factory):
     root = tmp_path_factory.mktemp('tables')
     data = train.make_digits(str(root / 'd8'), n=200, size=8)
     argv = ['tables', '--data', data, '--teacher-steps', '2', '--decm-steps', '2', '--n', '20', '--batch', '32',
-            '--runs', str(root / 'runs'), '--results', str(root / 'res')]
+            '--runs', str(root / 'runs'), '--results', str(root / 'res'), '--seeds', '0', '1']
     run_bench(*argv, '--threads', '1')                                  # 1 thread: fast on a busy machine
     return root, argv
 
@@ -657,28 +657,38 @@ def tiny_tables(tmp_path_factory):
 def test_tables_writes_every_row_of_table_3_and_table_4(tiny_tables):
     root, _ = tiny_tables
     md = (root / 'res' / 'tables.md').read_text()
-    number = r'(\d+\.\d\d|nan)'
+    number = r'(\d+\.\d\d \+- \d+\.\d\d|nan)'                          # mean +- sd over the 2 seeds
+    row = [line for line in md.splitlines() if line.startswith('| (b*) ')]   # the distilled-velocity teacher
+    assert len(row) == 1 and row[0].count(' +- ') == 4 and row[0].endswith('| - | - | - | - |'), md
+    tables_part = md.split('## Orderings against the noise')[0]
     for key, _, method, _ in bench.TABLE3:
-        row = [line for line in md.splitlines() if line.startswith(f'| ({key}) ')]
+        row = [line for line in tables_part.splitlines() if line.startswith(f'| ({key}) ')]
         assert len(row) == 1, (key, md)
         cells = [c.strip() for c in row[0].strip('|').split('|')[1:]]
-        assert len(cells) == 8 and all(re.fullmatch(number, c) for c in cells), row
+        assert len(cells) == 8 and all(re.fullmatch(number, c) for c in cells[:4]), row
         assert cells[4:] == [f'{v:.2f}' for v in bench.PAPER_T3[key]]      # the paper's numbers beside ours
     assert '## Table 4' in md
     for _, label, paper in bench.PAPER_T4:
         row = [line for line in md.splitlines() if line.startswith(f'| {label} |')]
         assert len(row) == 1 and row[0].rstrip(' |').endswith(f'{paper[-1]:.2f}'), (label, md)
+    orderings = md.split('## Orderings against the noise')[1]
+    for first, second, _ in bench.T3_PAIRS:                             # every pair, every column, a verdict
+        row = [line for line in orderings.splitlines() if line.startswith(f'| ({first}) / ({second})')]
+        assert len(row) == 1 and len(re.findall(r'(better|worse|within noise) \((better|worse|equal)\)', row[0])) == 4, row
     raw = json.loads((root / 'res' / 'tables.json').read_text())
-    cells = {(c['row'], c['sampler'], c['nfe']) for c in raw['fd']}
-    assert ('a', 'teacher', 50) in cells and ('g', 'euler', 50) in cells and ('g', 'mix', 16) in cells
+    cells = {(c['row'], c['sampler'], c['nfe']): c['fd'] for c in raw['fd']}
+    assert all(len(v) == 2 for v in cells.values()) and raw['seeds'] == [0, 1]
+    assert ('a', 'teacher', 50) in cells and ('b*', 'teacher', 50) in cells and ('g', 'mix', 16) in cells
     assert ('h', 'cm', 1) not in cells                                  # (h), (j), (n) reuse the run of (g)
-    assert sorted(os.listdir(root / 'runs')) == sorted(['teacher', 'c', 'd', 'e', 'f', 'g', 'i', 'k', 'l', 'm', 'o'])
+    assert cells['a', 'teacher', 50] != cells['b*', 'teacher', 50]      # (b*) is guided, (a) is not
+    runs = [f'{k}-s{s}' for k in 'cdefgiklmo' for s in (0, 1)]
+    assert sorted(os.listdir(root / 'runs')) == sorted(['teacher', 'fd.json'] + runs)
 
 
 def test_tables_png_and_sample_grids_are_valid_pngs(tiny_tables):
     root, _ = tiny_tables
     paths = [root / 'res' / 'tables.png'] + sorted((root / 'res' / 'tables_samples').glob('*.png'))
-    assert len(paths) == 1 + 12 + 1                                     # plot, rows a-o less h/j/n, table4
+    assert len(paths) == 1 + 13 + 1                                     # plot, rows a, b, b*, c-o less h/j/n, table4
     for p in paths:
         with Image.open(p) as im:
             im.verify()
@@ -690,7 +700,8 @@ def test_tables_png_and_sample_grids_are_valid_pngs(tiny_tables):
 def test_tables_refuses_to_resume_a_run_made_with_other_settings(tiny_tables, capsys):
     _, argv = tiny_tables
     for change, message in [(['--decm-steps', '1'], 'more than the 1 asked for'),
-                            (['--w-cfg', '3'], 'other settings')]:
+                            (['--w-cfg', '3'], 'other settings'), (['--rows', 'c', 'd'], 'with g'),
+                            (['--rows', 'g', 'x'], 'unknown: x')]:
         with pytest.raises(SystemExit) as e:
             bench.main(argv + change)                                   # the later flag wins
         assert e.value.code == 2
