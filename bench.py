@@ -450,6 +450,8 @@ STUDY = [
                                                             '--g-clip', '1', '--cm-weight', 'cos']),
     ('ew-p0', 'lr 1e-3, EMA warm-up, plain L2 (p = 0)', ['--lr', '1e-3', '--ema-warmup', '--p', '0']),
     ('ew-seg4', 'lr 1e-3, EMA warm-up, N = 4 segments', ['--lr', '1e-3', '--ema-warmup', '--segments', '4']),
+    ('ew-cosine', 'lr 1e-3 with cosine decay to 0 at the end of the run, EMA warm-up',
+     ['--lr', '1e-3', '--ema-warmup', '--lr-schedule', 'cosine']),
     ('b256-lr2e-3', 'batch 256, lr 2e-3', ['--batch', '256', '--lr', '2e-3']),
     ('b256-lr1e-3-facm', 'batch 256, lr 1e-3, facm', ['--batch', '256', '--lr', '1e-3', '--w1-power', '0.5',
                                                       '--g-clip', '1', '--cm-weight', 'cos']),
@@ -503,6 +505,10 @@ def study(a):
     unknown = [n for n in names if n not in dict((n, d) for n, d, _ in STUDY)]
     if unknown:
         raise ValueError(f'--configs: unknown {unknown} (choose from {[n for n, _, _ in STUDY]} or all)')
+    decaying = [n for n, _, f in STUDY if n in names and 'cosine' in f]
+    if decaying and len(a.eval_at) > 1:                        # each chunk is a run of --steps = its eval step
+        raise ValueError(f'--configs {" ".join(decaying)}: a cosine schedule decays to 0 at the end of the run, so '
+                         f'it needs one --eval-at (the run length), not {len(a.eval_at)}')
     common = ['bench.py', 'study', '--runs', a.runs, '--skip-teacher'] + (['--data', a.data] if a.data else []) + ['--n', str(a.n), '--device', a.device,
               '--amp', a.amp, '--eval-at', *map(str, a.eval_at), '--seeds', *map(str, a.seeds),
               '--decm-batch', str(a.decm_batch), '--decm-lr', str(a.decm_lr), '--w-cfg', str(a.w_cfg),
@@ -697,7 +703,8 @@ def tables(a):
         for key, flags in runs.items():
             argv = ['--seed', str(s), '--batch', str(a.batch)] + data + [
                 '--teacher', teacher_ckpt, '--out', run_dir(key, s), '--steps', str(a.decm_steps), '--lr',
-                str(a.decm_lr), '--w-cfg', str(a.w_cfg), '--resume', 'auto', '--keep', '1'] + flags
+                str(a.decm_lr), '--w-cfg', str(a.w_cfg), '--eta', str(a.eta), '--resume', 'auto', '--keep', '1'] + \
+                (['--ema-warmup'] if a.ema_warmup else []) + flags
             check_run(run_dir(key, s), argv, a.decm_steps)
             jobs.append(argv)
     if a.jobs > 1:
@@ -833,7 +840,7 @@ def tables(a):
                   else f'teacher {teacher_ckpt} (given)')
     lines += ['', f'Mix sampler: {mix}.', '',
               f'Budget: {teacher_of}; each variant {a.decm_steps} DE-CM iterations (lr {a.decm_lr:g}, CFG w '
-              f'{a.w_cfg:g}), batch {a.batch}. The paper trains 250 epochs on ImageNet; here the rows compare short '
+              f'{a.w_cfg:g}, eta {a.eta:g}{", EMA warm-up" if a.ema_warmup else ", constant EMA 0.995"}), batch {a.batch}. The paper trains 250 epochs on ImageNet; here the rows compare short '
               f'distillation runs, not converged models (`--quick`: 200 / 8 iterations, n = 200, one seed).',
               f'Time: teacher {t1 - t0:.0f} s, variants {t2 - t1:.0f} s ({len(jobs)} runs, {a.jobs} at a time), '
               f'sampling and FD {t3 - t2:.0f} s; total {time.time() - t0:.0f} s on {torch.get_num_threads()} '
@@ -849,32 +856,109 @@ def tables(a):
     print('\n'.join(lines))
 
 
-# ----------------------------------------------------------------------------- Mix sampler sweep
-def mix_sweep(a):
-    """Pixel FD of the Mix sampler at --nfe for every --mix-det (0 = the CM sampler) and --mix-t, against
-    the same real digits and noise as `pipeline` (sampling batch 500, seed 0). Prints a markdown table."""
+# ----------------------------------------------------------------------------- capacity probe
+def regress(a):
+    """How good can a one-step student of this architecture be? The same network, started from the
+    teacher as in Alg. 1 l.1, is fit by plain regression to the teacher's own ODE map: F(z, 0, 1) = x - z
+    for --pairs (noise z, the teacher's --ode-steps Euler solution x on the distilled velocity). Its 1-NFE
+    FD is the target of DE-CM's CM loss at t = 0 reached by brute force; if it stays above the teacher,
+    the gap is the network's, not the objective's. Writes RUNS/regress.md and regress.json."""
     train.set_threads(a.threads)
     t0 = time.time()
-    model, stats, path = sample.load_model(a.ckpt)
-    if model.s_embedder is None:
-        raise ValueError(f'--ckpt {a.ckpt} is a flow-matching teacher: the Mix sampler needs a DE-CM checkpoint')
-    real, _ = real_pixels(a.n, a.data)
+    dev = torch.device('cpu')
+    teacher, stats, tpath = sample.load_model(a.teacher)
+    if stats is None or teacher.s_embedder is not None:
+        raise ValueError(f'--teacher {a.teacher}: need a flow-matching teacher trained by train.py')
+    os.makedirs(a.runs, exist_ok=True)
+    pairs_path = os.path.join(a.runs, f'pairs_{a.pairs}_{a.ode_steps}.pt')
+    if os.path.exists(pairs_path):
+        z, y, x = torch.load(pairs_path).values()
+    else:                                                      # noise seeds 1000+: none of the FD seeds
+        targs = type('A', (), dict(cfg=a.w_cfg, cfg_interval_start=0.0, shift=0.0, guidance='apg', eta=a.eta))
+        zs, ys, xs = [], [], []
+        for b in tqdm(range(0, a.pairs, 500), desc='regress: teacher ODE pairs', dynamic_ncols=True):
+            g = torch.Generator().manual_seed(1000 + b)
+            zb = torch.randn((min(500, a.pairs - b), teacher.in_channels, teacher.input_size, teacher.input_size),
+                             generator=g)
+            yb = torch.arange(b, b + len(zb)) % teacher.num_classes
+            zs.append(zb), ys.append(yb), xs.append(sample.run_sampler(teacher, 'teacher', zb, yb, a.ode_steps,
+                                                                      args=targs))
+        z, y, x = torch.cat(zs), torch.cat(ys), torch.cat(xs)
+        torch.save({'z': z, 'y': y, 'x': x}, pairs_path)
+    t1 = time.time()
+    torch.manual_seed(a.seed)
+    student = student_from_teacher(teacher).train().requires_grad_(True)
+    ema = copy.deepcopy(student).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(student.parameters(), lr=a.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    ema_args = type('A', (), dict(ema=0.995, ema_warmup=True))
+    reals = {s: real_pixels(a.n, a.data, seed=100 + s)[0] for s in a.seeds}
+    ref = load_json(os.path.join(a.teacher_fd)) if a.teacher_fd else {}
+    rows, gen = [], torch.Generator().manual_seed(a.seed)
+    for step in tqdm(range(1, max(a.eval_at) + 1), desc='regress: fitting F(z, 0, 1) = x - z', dynamic_ncols=True):
+        idx = torch.randint(0, len(z), (a.batch,), generator=gen)
+        zb, yb, xb = z[idx], y[idx], x[idx]
+        out = student(zb, torch.zeros(len(zb)), torch.ones(len(zb)), yb)
+        loss = (out - (xb - zb)).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(list(ema.parameters()), list(student.parameters()), 1 - train.ema_decay(step - 1, ema_args))
+        if step in a.eval_at:
+            fds = [float(fd_of(ema, stats, 'cm', 1, reals[s], a.n, None, s, dev)[0]) for s in a.seeds]
+            base = [ref.get(f'teacher, distilled velocity (APG)|50|{s}|{a.n}') for s in a.seeds]
+            ratio = [f / b for f, b in zip(fds, base)] if all(base) else None
+            rows.append({'step': step, 'loss': float(loss), 'fd': fds, 'ratio': ratio})
+    lines = [f'# Capacity probe: the one-step student fit to the teacher\'s ODE map by regression', '',
+             f'{a.pairs} pairs (noise, the teacher\'s {a.ode_steps}-step Euler ODE on the distilled velocity, w '
+             f'{a.w_cfg:g}, eta {a.eta:g}); the student (the teacher plus its zero-initialised s branch) fit by '
+             f'MSE on F(z, 0, 1) = x - z, batch {a.batch}, lr {a.lr:g}, AdamW, EMA 0.995 with warm-up; CM sampler '
+             f'at 1 NFE, pixel FD of {a.n} samples per seed {a.seeds} (noise seed s, real subset s).', '',
+             '| iterations | last batch loss | 1-NFE FD (mean +- sd) | / distilled-velocity teacher, 50 steps |',
+             '|---|---|---|---|']
+    for r in rows:
+        lines.append(f'| {r["step"]} | {r["loss"]:.4f} | {pm(r["fd"])} | {pm(r["ratio"]) if r["ratio"] else "-"} |')
+    lines += ['', f'Time: pairs {t1 - t0:.0f} s, fit and FD {time.time() - t1:.0f} s ({torch.get_num_threads()} '
+              f'thread(s)).', f'Command: python bench.py {a.command}']
+    write_atomic(os.path.join(a.runs, 'regress.md'), '\n'.join(lines) + '\n')
+    write_atomic(os.path.join(a.runs, 'regress.json'), json.dumps(rows, indent=1) + '\n')
+    print('\n'.join(lines))
+
+
+# ----------------------------------------------------------------------------- Mix sampler sweep
+def mix_sweep(a):
+    """Pixel FD of the Mix sampler at --nfe for every --mix-det (0 = the CM sampler) and --mix-t. With
+    --seeds, checkpoint k (of a run trained with seed k, say) samples with noise seed --seeds[k] against real
+    subset --seeds[k], as the pipeline does, and each cell is the mean +- sd over them. Prints a markdown table."""
+    train.set_threads(a.threads)
+    t0 = time.time()
+    seeds = a.seeds or list(range(len(a.ckpt)))
+    if len(seeds) != len(a.ckpt):
+        raise ValueError(f'--seeds {" ".join(map(str, seeds))}: give one seed per --ckpt ({len(a.ckpt)})')
+    runs = []
+    for ckpt, s in zip(a.ckpt, seeds):
+        model, stats, path = sample.load_model(ckpt)
+        if model.s_embedder is None:
+            raise ValueError(f'--ckpt {ckpt} is a flow-matching teacher: the Mix sampler needs a DE-CM checkpoint')
+        runs.append((model, stats, path, s, real_pixels(a.n, a.data, seed=100 + s)[0]))
+
+    def cell(det, t):
+        args = type('A', (), dict(mix_det=det, mix_t=t))
+        return pm([fd_of(m, st, 'mix', a.nfe, real, a.n, args, s)[0] for m, st, _, s, real in runs])
+
     rows = ['| `--mix-det` \\ `--mix-t` | ' + ' | '.join(f'{t:g}' for t in a.ts) + ' |',
             '|---' * (len(a.ts) + 1) + '|']
-    for det in range(a.nfe):
-        args = type('A', (), dict(mix_det=det, mix_t=a.ts[0]))
+    for det in tqdm(range(a.nfe), desc='mix: --mix-det', dynamic_ncols=True):
         if det == 0:                                           # no deterministic step: the CM sampler
-            fd = fd_of(model, stats, 'mix', a.nfe, real, a.n, args)[0]
-            rows.append(f'| 0 (the CM sampler) | ' + ' | '.join(f'{fd:.2f}' for _ in a.ts) + ' |')
+            fd = cell(0, a.ts[0])
+            rows.append(f'| 0 (the CM sampler) | ' + ' | '.join(fd for _ in a.ts) + ' |')
             continue
-        fds = []
-        for t in a.ts:
-            args.mix_t = t
-            fds.append(fd_of(model, stats, 'mix', a.nfe, real, a.n, args)[0])
         rows.append(f'| {det}' + (' (default)' if det == a.nfe // 2 else '') + ' | ' +
-                    ' | '.join(f'{fd:.2f}' for fd in fds) + ' |')
-    rows += ['', f'{path}, {a.nfe} NFE, pixel FD of {a.n} samples against {a.n} real digits; '
-                 f'{time.time() - t0:.0f} s on {torch.get_num_threads()} thread(s).']
+                    ' | '.join(cell(det, t) for t in a.ts) + ' |')
+    rows += ['', f'{", ".join(r[2] for r in runs)} (noise seeds and real subsets {seeds}), {a.nfe} NFE, pixel FD '
+                 f'of {a.n} samples against {a.n} real digits' + (' (mean +- sd)' if len(runs) > 1 else '') +
+             f'; {time.time() - t0:.0f} s on {torch.get_num_threads()} thread(s).']
     print('\n'.join(rows))
 
 
@@ -1860,6 +1944,9 @@ def main(argv=None):
                    '(default all; g is always needed): fewer rows, not fewer seeds, to save time')
     p.add_argument('--eta', type=float, default=0.05, help='APG eta of the distilled velocity and of row (b*)')
     p.add_argument('--jobs', type=int, default=1, help='runs trained at a time, as subprocesses of one thread each')
+    p.add_argument('--no-ema-warmup', dest='ema_warmup', action='store_false', help='constant EMA decay for the '
+                   'variant runs (default: train.py --ema-warmup, as in the pipeline: a 200-iteration run with a '
+                   'constant decay of 0.995 still holds 37%% of the teacher in its average)')
     p.add_argument('--threads', type=train.bounded(int, 0), default=0, help='torch.set_num_threads (0: leave the default); '
                    '1 is much faster than 2 on a 2-core machine that something else keeps busy')
 
@@ -1903,11 +1990,33 @@ def main(argv=None):
     p.add_argument('--seed', type=int, default=0, help='seed of the random weights and data')
     p.add_argument('--results', default=RESULTS, help='folder for gpu.md and gpu.json')
     p = sub.add_parser('mix', help="the Mix sampler's switch: pixel FD over --mix-det x --mix-t")
-    p.add_argument('--ckpt', default='runs/decm', help='DE-CM checkpoint (file or run folder)')
+    p.add_argument('--ckpt', nargs='+', default=['runs/decm'], help='DE-CM checkpoint(s) (file or run folder), '
+                   'one per seed')
+    p.add_argument('--seeds', type=int, nargs='+', default=None, help='noise seed and real subset of each --ckpt '
+                   '(default 0, 1, ...)')
     p.add_argument('--nfe', type=train.bounded(int, 2), default=4, help='network calls per sample')
     p.add_argument('--ts', type=train.bounded(float, 0, 1, lo_open=True, hi_open=True), nargs='+',
                    default=[0.25, 0.5, 0.75], help='switch times --mix-t to try')
     p.add_argument('--n', type=train.bounded(int, 2), default=2000, help='samples per FD')
+    p.add_argument('--data', default=None, help='latents folder of the real images (default: the built-in digits)')
+    p.add_argument('--threads', type=train.bounded(int, 0), default=0, help='torch.set_num_threads (0: the default)')
+    p = sub.add_parser('regress', help='capacity probe: the one-step student fit by regression to the '
+                       "teacher's ODE map (RUNS/regress.md)")
+    p.add_argument('--teacher', default='runs/pipe/teacher', help='flow-matching teacher (file or run folder)')
+    p.add_argument('--teacher-fd', default=None, help="the pipeline's FD cache (RUNS/fd.json): ratios against "
+                   'the distilled-velocity teacher at 50 steps')
+    p.add_argument('--runs', default='runs/regress', help='folder for the pairs and regress.md')
+    p.add_argument('--pairs', type=train.bounded(int, 1), default=10000, help='(noise, ODE solution) pairs')
+    p.add_argument('--ode-steps', type=train.bounded(int, 1), default=50, help='Euler steps of the teacher ODE')
+    p.add_argument('--w-cfg', type=float, default=2.0, help='CFG weight of the distilled velocity')
+    p.add_argument('--eta', type=float, default=0.05, help='APG eta of the distilled velocity')
+    p.add_argument('--batch', type=train.bounded(int, 1), default=64, help='regression batch size')
+    p.add_argument('--lr', type=float, default=1e-3, help='AdamW learning rate')
+    p.add_argument('--eval-at', type=train.bounded(int, 1), nargs='+', default=[400, 1000, 2000],
+                   help='iterations at which the EMA weights are evaluated (the fit stops at the last)')
+    p.add_argument('--n', type=train.bounded(int, 2), default=2000, help='samples per FD')
+    p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2], help='sampling seeds (noise and real subset)')
+    p.add_argument('--seed', type=int, default=0, help='seed of the fit')
     p.add_argument('--data', default=None, help='latents folder of the real images (default: the built-in digits)')
     p.add_argument('--threads', type=train.bounded(int, 0), default=0, help='torch.set_num_threads (0: the default)')
     p = sub.add_parser('jvp-dtype', help='JVP error in fp32 / bf16 against float64, and a short run with each')
@@ -1931,7 +2040,7 @@ def main(argv=None):
                 names = [n for n, _, _ in STUDY] if a.configs == ['all'] else a.configs
                 return study_report(a, names)
         {'pipeline': pipeline, 'study': study, 'tables': tables, 'speed': speed, 'estimate': estimate, 'gpu': gpu,
-         'mix': mix_sweep, 'jvp-dtype': jvp_dtype}[a.cmd](a)
+         'mix': mix_sweep, 'jvp-dtype': jvp_dtype, 'regress': regress}[a.cmd](a)
     except ValueError as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2)

@@ -708,6 +708,29 @@ def test_tables_refuses_to_resume_a_run_made_with_other_settings(tiny_tables, ca
         assert message in capsys.readouterr().err
 
 
+def test_regress_probe_fits_the_teachers_ode_map(tiny_tables, tmp_path):
+    """bench.py regress: pairs from the teacher's ODE on the distilled velocity, the one-step student fit to
+    them: the pairs are the teacher sampler's output for their noise, every evaluation has every seed, and
+    the ratio is against the cached distilled-velocity teacher of the same seed."""
+    root, _ = tiny_tables
+    data = str(root / 'd8')
+    fd_cache = tmp_path / 'fd.json'
+    fd_cache.write_text(json.dumps({f'teacher, distilled velocity (APG)|50|{s}|20': 2.0 for s in (0, 1)}))
+    argv = ['regress', '--teacher', str(root / 'runs' / 'teacher'), '--data', data, '--runs', str(tmp_path),
+            '--pairs', '24', '--ode-steps', '3', '--batch', '8', '--eval-at', '2', '30', '--n', '20', '--seeds',
+            '0', '1', '--teacher-fd', str(fd_cache), '--threads', '1']
+    run_bench(*argv)
+    pairs = torch.load(tmp_path / 'pairs_24_3.pt')
+    teacher, _, _ = sample.load_model(str(root / 'runs' / 'teacher'))
+    targs = type('A', (), dict(cfg=2.0, cfg_interval_start=0.0, shift=0.0, guidance='apg', eta=0.05))
+    x = sample.run_sampler(teacher, 'teacher', pairs['z'], pairs['y'], 3, args=targs)
+    torch.testing.assert_close(pairs['x'], x)                           # the ODE solution of the pair's noise
+    rows = json.loads((tmp_path / 'regress.json').read_text())
+    assert [r['step'] for r in rows] == [2, 30] and all(len(r['fd']) == 2 for r in rows)
+    assert rows[0]['ratio'] == pytest.approx([f / 2.0 for f in rows[0]['fd']])
+    assert '| 30 |' in (tmp_path / 'regress.md').read_text()
+
+
 def test_speed_writes_times_memory_and_ratios(tmp_path):
     out = run_bench('speed', '--presets', 'tiny', '--batch', '8', '--repeats', '2', '--threads', '1',
                     '--results', str(tmp_path))
@@ -1555,7 +1578,7 @@ def test_lr_schedule_warmup_then_cosine_to_zero():
     assert {train.lr_at(i, const) for i in range(50)} == {2e-4}
 
 
-def test_pipeline_and_study_report_baselines_seeds_and_ratios(tmp_path):
+def test_pipeline_and_study_report_baselines_seeds_and_ratios(tmp_path, capsys):
     data = train.make_digits(str(tmp_path / 'd'), n=120, size=8)
     runs = str(tmp_path / 'runs')
     common = ['--runs', runs, '--teacher-steps', '3', '--batch', '16', '--decm-batch', '16', '--n', '20',
@@ -1588,6 +1611,10 @@ def test_pipeline_and_study_report_baselines_seeds_and_ratios(tmp_path):
     assert len(every) == 2 * 2 * 2                                    # every run at every step is listed
     with Image.open(tmp_path / 'res' / 'study.png') as im:
         im.verify()
+    with pytest.raises(SystemExit) as e:                               # a cosine run is evaluated at its end only
+        bench.main(['study', *common, '--skip-teacher', '--configs', 'lr1e-3-cosine', '--eval-at', '1', '2',
+                    '--data', data])
+    assert e.value.code == 2 and 'needs one --eval-at' in capsys.readouterr().err
 
 
 # ---- CUDA tier and JVP dtype/speed
@@ -2317,6 +2344,9 @@ def test_bench_mix_sweeps_the_switch(w, tmp_path):
     cells = [[float(c) for c in r.strip('|').split('|')[1:]] for r in rows[1:]]
     assert len(cells) == 3 and all(len(c) == 2 and all(np.isfinite(c)) for c in cells), text
     assert cells[0][0] == cells[0][1] and '(default)' in rows[2]
+    two = run_bench('mix', '--ckpt', out, out, '--seeds', '0', '1', '--data', w.D, '--n', '20', '--nfe', '3', '--ts',
+                    '0.3', '--threads', '1')                             # one checkpoint per seed: mean +- sd
+    assert re.search(r'\| 1 \| \d+\.\d\d \+- \d+\.\d\d \|', two), two
 
 
 def test_eval_on_latents_decodes_and_scores_fid(tmp_path, monkeypatch):
