@@ -2346,7 +2346,7 @@ def test_bench_mix_sweeps_the_switch(w, tmp_path):
     assert cells[0][0] == cells[0][1] and '(default)' in rows[2]
     two = run_bench('mix', '--ckpt', out, out, '--seeds', '0', '1', '--data', w.D, '--n', '20', '--nfe', '3', '--ts',
                     '0.3', '--threads', '1')                             # one checkpoint per seed: mean +- sd
-    assert re.search(r'\| 1 \| \d+\.\d\d \+- \d+\.\d\d \|', two), two
+    assert re.search(r"\| 1 \(default\) \| \d+\.\d\d \+- \d+\.\d\d \|", two), two
 
 
 def test_eval_on_latents_decodes_and_scores_fid(tmp_path, monkeypatch):
