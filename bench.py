@@ -149,9 +149,10 @@ PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
            (0, 110, 90)]
 
 
-def line_plot(path, panels, size=(520, 400), legend_w=200, ylabel='pixel FD (log)'):
-    """panels: [(title, x label, {series name: [(x, y), ...]})]. Log x and log y axes; one line and
-    colour per series, a legend beside each panel. Non-finite or non-positive y are left out. Pillow only."""
+def line_plot(path, panels, size=(520, 400), legend_w=200, ylabel='pixel FD (log)', ylim=None):
+    """panels: [(title, x label, {series name: [(x, y), ...]})]. Log x and log y axes (ylim=(lo, hi): a
+    linear y axis over that range, grid every 0.1); one line and colour per series, a legend beside each
+    panel. Non-finite or non-positive y are left out. Pillow only."""
     from PIL import Image, ImageDraw, ImageFont
     try:
         font = ImageFont.load_default(size=12)
@@ -178,7 +179,14 @@ def line_plot(path, panels, size=(520, 400), legend_w=200, ylabel='pixel FD (log
         x0, x1, y0, y1 = ox + ml, ox + pw - mr, ph - mb, mt
         X = lambda x: x0 + (math.log(x) - lx0) / (lx1 - lx0) * (x1 - x0)
         Y = lambda y: y0 - (math.log10(y) - ly0) / (ly1 - ly0) * (y0 - y1)
-        for e in range(ly0, ly1 + 1):                          # y grid: 1, 2, 5 x 10^e
+        if ylim:                                               # linear y over ylim, grid every 0.1
+            Y = lambda y: y0 - (min(max(y, ylim[0]), ylim[1]) - ylim[0]) / (ylim[1] - ylim[0]) * (y0 - y1)
+            for k in range(int(round((ylim[1] - ylim[0]) * 10)) + 1):
+                v = ylim[0] + k / 10
+                d.line([(x0, Y(v)), (x1, Y(v))], fill=(225, 225, 225))
+                d.text((x0 - 6, Y(v)), f'{v:.1f}', fill='black', font=font, anchor='rm')
+            ly0 = ly1 = 0                                      # no log grid
+        for e in range(ly0, ly1 + 1) if not ylim else ():      # y grid: 1, 2, 5 x 10^e
             for m in ((1, 2, 5) if ly1 - ly0 <= 3 else (1,)):
                 v = m * 10.0 ** e
                 if 10.0 ** ly0 <= v <= 10.0 ** ly1:
@@ -608,8 +616,9 @@ PAPER_T4 = [('euler', 'Euler ODE Sampler', (76.15, 8.26, 3.61, 2.38)),
 SHORT = {'a': 'teacher', 'b': 'teacher + CFG', 'c': 'FM', 'd': 'CD', 'e': 'FM+CD', 'f': 'FM+N2N',
          'g': 'FM+CD+N2N (=h,j,n)', 'i': 'no vnorm', 'k': 'arctan', 'l': 'logit-normal', 'm': 'freq 1',
          'o': 'freq 5'}
-# Settings that do not change what a run computes (checked when an existing run folder is reused).
-RUN_FLAGS_IGNORED = {'steps', 'resume', 'loss_set', 'log_every', 'ckpt_every', 'keep', 'workers', 'nan_patience',
+# Settings that do not change what a run computes (checked when an existing run folder is reused; a run
+# folder may be moved or copied, so its --out is not checked either).
+RUN_FLAGS_IGNORED = {'out', 'steps', 'resume', 'loss_set', 'log_every', 'ckpt_every', 'keep', 'workers', 'nan_patience',
                      'threads', 'eval_every', 'eval_samples', 'vae', 'fid_ref', 'inception'}
 
 
@@ -630,8 +639,10 @@ def check_run(out, argv, steps):
     ckpt = train.load_student_checkpoint(last)
     want = {k: v for k, v in vars(train.parse_args(argv)).items() if k not in RUN_FLAGS_IGNORED}
     have = ckpt['args']
+    same = lambda k, v: have[k] == v or (k in ('teacher', 'data') and isinstance(v, str) and os.path.exists(v)
+                                         and os.path.exists(have[k]) and os.path.samefile(have[k], v))
     diff = [f'--{k.replace("_", "-")} {have[k]!r} there, {v!r} now' for k, v in want.items()
-            if k in have and have[k] != v]                    # a flag newer than the run is not checked
+            if k in have and not same(k, v)]                   # a flag newer than the run is not checked
     if diff:
         raise ValueError(f'{out} holds a run made with other settings ({"; ".join(diff[:3])}): give another '
                          f'--runs folder or delete it')
