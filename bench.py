@@ -754,7 +754,14 @@ def tables(a):
             cache_key = f'{key}|{smp}|{nfe}|{s}|{a.n}'
             is_t3 = nfe in T3_STEPS and smp == table3_sampler(key, nfe)
             is_t4 = key == 'g' and nfe in (T4_NFE[0], T4_NFE[-1])
-            if cache_key not in cache or (grids and (is_t3 or is_t4)):
+            grid_path = os.path.join(a.runs, 'grids', f'{key}-{smp}-{nfe}-{a.n}.pt')   # seed 0's panels
+            if grids and (is_t3 or is_t4) and cache_key in cache and os.path.exists(grid_path):
+                x, y = torch.load(grid_path).values()
+                if is_t3:
+                    panels[key].append((f'{smp} {nfe}', grid_rows(x, y)))
+                if is_t4:
+                    t4_panels[smp, nfe] = (f'{smp} {nfe}', grid_rows(x, y))
+            elif cache_key not in cache or (grids and (is_t3 or is_t4)):
                 if key in TEACHER_ROWS:
                     guidance, w = TEACHER_ROWS[key]
                     targs = type('A', (), dict(cfg=a.w_cfg if w is None else w, cfg_interval_start=0.0, shift=0.0,
@@ -767,6 +774,9 @@ def tables(a):
                     value, x, y = fd_of(model, stats, smp, nfe, real, a.n, None, s)
                 cache[cache_key] = float(value)
                 write_atomic(cache_path, json.dumps(cache, indent=1))
+                if grids and (is_t3 or is_t4):                 # the panel's samples: a resumed command reuses them
+                    os.makedirs(os.path.dirname(grid_path), exist_ok=True)
+                    torch.save({'x': x[:500], 'y': y[:500]}, grid_path)
                 if grids and is_t3:
                     panels[key].append((f'{smp} {nfe}', grid_rows(x, y)))
                 if grids and is_t4:
@@ -846,7 +856,7 @@ def tables(a):
         lines.append(f'| {what} | ' + ' | '.join(
             f'{ordering(fd["g", first, n], fd["g", second, n])} ({paper_order(pf, ps)})'
             for n, pf, ps in zip(T4_NFE, paper4[first], paper4[second])) + ' |')
-    mix = 'half of the NFE as deterministic flow-map steps up to t = 0.5, then CM steps (sample.py defaults)'
+    mix = 'half of the NFE as deterministic flow-map steps up to t = 0.25, then CM steps (sample.py defaults)'
     teacher_of = (f'teacher {a.teacher_steps} FM iterations (lr {a.teacher_lr:g}, seed {a.seeds[0]})' if not a.teacher
                   else f'teacher {teacher_ckpt} (given)')
     lines += ['', f'Mix sampler: {mix}.', '',

@@ -682,7 +682,7 @@ def test_tables_writes_every_row_of_table_3_and_table_4(tiny_tables):
     assert ('h', 'cm', 1) not in cells                                  # (h), (j), (n) reuse the run of (g)
     assert cells['a', 'teacher', 50] != cells['b*', 'teacher', 50]      # (b*) is guided, (a) is not
     runs = [f'{k}-s{s}' for k in 'cdefgiklmo' for s in (0, 1)]
-    assert sorted(os.listdir(root / 'runs')) == sorted(['teacher', 'fd.json'] + runs)
+    assert sorted(os.listdir(root / 'runs')) == sorted(['teacher', 'fd.json', 'grids'] + runs)   # grids: seed 0's panels
 
 
 def test_tables_png_and_sample_grids_are_valid_pngs(tiny_tables):
@@ -695,6 +695,11 @@ def test_tables_png_and_sample_grids_are_valid_pngs(tiny_tables):
             assert im.format == 'PNG'
     with Image.open(paths[0]) as im:
         assert im.width > 800 and im.height > 200
+    before = {p.name: p.read_bytes() for p in paths[1:]} | {'json': (root / 'res' / 'tables.json').read_bytes()}
+    _, argv = tiny_tables
+    run_bench(*argv, '--threads', '1')                                  # resumed: every cell and panel from the cache
+    after = {p.name: p.read_bytes() for p in paths[1:]} | {'json': (root / 'res' / 'tables.json').read_bytes()}
+    assert before == after
 
 
 def test_tables_refuses_to_resume_a_run_made_with_other_settings(tiny_tables, capsys):
