@@ -3,10 +3,14 @@
     python bench.py pipeline   build data -> train a teacher -> distill DE-CM -> sample with the teacher's
                                Euler+CFG and the Euler, CM and Mix samplers -> pixel FD table
                                (results/pipeline.md, results/pipeline.png with sample grids)
+    python bench.py study      what closes the gap to the teacher: STUDY configurations x seeds, evaluated
+                               along the run -> results/study.md, study.png
+    python bench.py regress    capacity probe: the same network fit by regression to the teacher's ODE map
     python bench.py tables     the paper's Table 3 (ablations (a)-(o)) and Table 4 (samplers) in miniature:
-                               one teacher, then every Table 3 variant distilled from it with the same
-                               budget and seed -> results/tables.md (our pixel FD beside the paper's FID),
-                               results/tables.png (FD against NFE) and results/tables_samples/*.png
+                               one teacher, then every Table 3 variant of --rows distilled from it with the
+                               same budget, for each of --seeds -> results/tables.md (mean +- sd beside the
+                               paper's FID, the orderings tested against the seed noise), results/tables.png
+                               (FD against NFE) and results/tables_samples/*.png
     python bench.py estimate   time and memory of the paper's run, from a measured CPU iteration of XL/1
     python bench.py speed      iteration and sampling times, peak memory, the DE-CM iteration against the
                                sum of the passes it cannot avoid -> results/speed.md
@@ -15,7 +19,7 @@
     python bench.py gpu        XL/1 on the GPU: forward, FM, CM and N2N steps, the DE-CM iteration at the
                                largest batch that fits, peak memory, images/s, FLOP floor, with and
                                without torch.compile, fp32 and bf16 JVPs -> results/gpu.md, gpu.json
-    python bench.py mix        the Mix sampler's switch: pixel FD over --mix-det x --mix-t at one NFE
+    python bench.py mix        the Mix sampler's switch: pixel FD over --mix-det x --mix-t at one NFE (seeds)
 
 Pixel FD: the Frechet distance between 2,000 (tables: --n) generated and as many real 16x16 digits, as raw
 pixel vectors (fid.pixel_fd). It is not FID: only the orderings can be compared with the paper. The teacher
@@ -23,9 +27,10 @@ is trained here from scratch (`train.py --losses fm --teacher none`).
 
 tables. Columns STEP=1, 2, 4 use the CM sampler (1, 2, 4 NFE); STEP=50 is the Euler ODE sampler with 50
 steps (the instantaneous velocity F(x, t, t)); the teacher rows (a) (no CFG) and (b) (CFG, --w-cfg) use
-the teacher's Euler sampler with 1, 2, 4, 50 steps. Rows (h), (j), (n) are the full model (g) under
-another name and reuse its run. Budget: the paper trains 250 epochs of ImageNet; here the whole command
-(11 runs plus about 850 NFE x --n samples of sampling) must fit one hour on 2 CPU cores. Measured on the
+the teacher's Euler sampler with 1, 2, 4, 50 steps, and (b*) on the velocity the variants distil (APG).
+Rows (h), (j), (n) are the full model (g) under another name and reuse its run. Budget: the paper trains
+250 epochs of ImageNet; here one seed of the whole command (11 runs plus about 850 NFE x --n samples of
+sampling) must fit one hour on 2 CPU cores; three seeds of fewer rows (--rows) cost the same per row. Measured on the
 tiny preset at batch 128, 2 threads: a teacher (FM) iteration 0.29 s, CM+FM 0.94 s, the full DE-CM
 iteration (freq 1) 2.1 s, so about 1.3 s at freq 3 and about 11.7 s for one iteration of all ten
 distillation runs; one NFE costs about 0.8 s per 1,000 samples (sampling batch 500). The default is
