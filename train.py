@@ -282,6 +282,13 @@ def train_step(student, ema, teacher, opt, batch, it, args, world, autocast, dra
             inputs[k] = (z, t, xr, y[sl], x_t, v_t, d['r'][sl])
         return inputs[k]
 
+    def fm_term(k, name):                                      # L_fm at s = t (l.13-14, again at l.26-27)
+        _, t, _, yk, x_t, v_t, _ = step_inputs(k)
+        with autocast:
+            fm = losses.fm_loss(student, x_t, t, yk, v_t, args.p, args.c)
+        add(name, fm)
+        return fm
+
     def cm_fm_loss(k):
         z, t, xr, yk, x_t, v_t, _ = step_inputs(k)
         loss = 0.0
@@ -291,10 +298,7 @@ def train_step(student, ema, teacher, opt, batch, it, args, world, autocast, dra
             add('cm', cm)
             loss = loss + cm
         if 'fm' in names:                                      # l.13-14
-            with autocast:
-                fm = losses.fm_loss(student, x_t, t, yk, v_t, args.p, args.c)
-            add('fm', fm)
-            loss = loss + fm
+            loss = loss + fm_term(k, 'fm')
         return loss
 
     def n2n_fm_loss(k):
@@ -315,10 +319,7 @@ def train_step(student, ema, teacher, opt, batch, it, args, world, autocast, dra
         add('n2n', n2n)
         loss = n2n
         if 'fm' in names:                                      # l.26-27
-            with autocast:
-                fm2 = losses.fm_loss(student, x_t, t, yk, v_t, args.p, args.c)
-            add('fm2', fm2)
-            loss = loss + fm2
+            loss = loss + fm_term(k, 'fm2')
         return loss
 
     skipped = 0
