@@ -1622,6 +1622,23 @@ def test_pipeline_and_study_report_baselines_seeds_and_ratios(tmp_path, capsys):
     assert e.value.code == 2 and 'needs one --eval-at' in capsys.readouterr().err
 
 
+def test_every_study_configuration_is_a_valid_change_of_train_flags():
+    """A misspelt flag or a value equal to the run's own would make a study row silently repeat another.
+    Each configuration is added to the study's DE-CM run (decm_argv, the 3e-4 lr of the study's part A);
+    only 'base' restates that run."""
+    a = argparse.Namespace(decm_batch=64, decm_lr=3e-4, w_cfg=2.0, eta=0.05, device='cpu', amp='off', data=None,
+                           extra=[])
+    argv = bench.decm_argv(a, 'teacher.pt', 'out', 0, 10)
+    ref = vars(train.parse_args(argv))
+    names = [n for n, _, _ in bench.STUDY]
+    assert len(names) == len(set(names))
+    for name, desc, flags in bench.STUDY:
+        got = vars(train.parse_args(argv + flags))
+        changed = {k for k in got if got[k] != ref[k]}
+        assert bool(changed) == (name != 'base'), f'{name}: {flags} change {changed or "nothing"}'
+        assert desc
+
+
 # ---- CUDA tier and JVP dtype/speed
 # The CUDA tests run where a CUDA device is present (`python -m pytest -q -rs test_all.py -k cuda`) and are
 # reported as skipped elsewhere. Each compares the CUDA path of train.py / sample.py / fid.py with the CPU.
