@@ -1605,6 +1605,8 @@ def test_pipeline_and_study_report_baselines_seeds_and_ratios(tmp_path, capsys):
     best = min([apg] + cfgs, key=lambda v: sum(v))
     ratio = sum(a / b for a, b in zip(fd['DE-CM, CM sampler', 1], best)) / 2
     assert f'DE-CM at 1 NFE is {ratio:.2f}x' in md                   # the headline is against the strongest
+    ck = torch.load(train.latest_checkpoint(os.path.join(runs, 'decm-s1')), map_location='cpu', weights_only=False)
+    assert ck['args']['r_max'] == 0.2 and ck['args']['ema_warmup'] and 'r_max 0.2' in md   # the study's defaults
     assert not os.path.exists(os.path.join(HERE, 'results', 'pipeline.json')) or \
         json.load(open(os.path.join(HERE, 'results', 'pipeline.json')))['n'] != 20   # not published
     p = subprocess.run([sys.executable, 'bench.py', 'study', *common, '--skip-teacher', '--configs', 'base', 'facm',
