@@ -257,12 +257,12 @@ def pm(values, digits=2):
 
 
 def outside_noise(a_vals, b_vals):
-    """Is the difference of the two means larger than twice its standard error (Welch)?"""
-    (ma, sa), (mb, sb) = mean_sd(a_vals), mean_sd(b_vals)
-    if not (math.isfinite(sa) and math.isfinite(sb)):
-        return False
-    se = math.sqrt(sa ** 2 / len(a_vals) + sb ** 2 / len(b_vals))
-    return abs(ma - mb) > 2 * se
+    """Is the mean of the per-seed differences a_s - b_s larger than twice its standard error? Paired: seed s
+    of both rows shares its sampling noise and its real subset, so what varies from seed to seed in both
+    (mostly the real subset) cancels. One seed: never."""
+    assert len(a_vals) == len(b_vals), (a_vals, b_vals)
+    m, sd = mean_sd([x - y for x, y in zip(a_vals, b_vals)])
+    return math.isfinite(sd) and abs(m) > 2 * sd / math.sqrt(len(a_vals))
 
 
 def run_parallel(jobs, n_parallel, log_dir, deadline=None):
@@ -414,7 +414,7 @@ def pipeline(a):
                      f'{("yes: " + ("worse" if mean_sd(vals)[0] > mean_sd(strongest)[0] else "better")) if beyond else "no"} |')
     r1 = mean_sd(ratios['cm', 1])[0]
     lines += ['', f'Headline: DE-CM at 1 NFE is {r1:.2f}x the FD of the strongest teacher baseline '
-              f'({strongest_name}). "Beyond noise": the difference of the means is more than twice its standard '
+              f'({strongest_name}). "Beyond noise": the mean of the per-seed differences (paired by seed) is more than twice its standard '
               f'error over the {len(a.seeds)} seeds; the floor (two sets of real data) is '
               f'{pm(fds["two sets of real data", "-"])}.',
               f'Settings: teacher {a.teacher_steps} flow-matching iterations (batch {a.batch}, lr {a.teacher_lr:g}, '
@@ -851,7 +851,7 @@ def tables(a):
                      + ' | '.join(f'{v:.2f}' for v in paper) + ' |')
     lines += ['', '## Orderings against the noise', '',
               f'Each cell: the first row against the second, by the mean over the {len(a.seeds)} seeds: "better" '
-              f'or "worse" when the difference of the means is more than twice its standard error, else "within '
+              f'or "worse" when the mean of the per-seed differences (paired by seed) is more than twice its standard error, else "within '
               f'noise" (one seed: nothing is outside the noise). The paper\'s ordering in brackets.', '',
               '| first / second | STEP=1 | STEP=2 | STEP=4 | STEP=50 |', '|---|---|---|---|---|']
     paper_order = lambda x, y: 'better' if x < y else 'worse' if x > y else 'equal'
