@@ -476,6 +476,8 @@ STUDY = [
     ('ew-rmax0.2-ema0.999', 'lr 1e-3, r_max 0.2, EMA warm-up to 0.999 (min(0.999, (1 + k) / (10 + k)): the same as '
      'ew-rmax0.2 up to k = 1790, then an average over about the last 1/9 of the run)',
      ['--lr', '1e-3', '--ema-warmup', '--r-max', '0.2', '--ema', '0.999']),
+    ('ew-rmax0.2-logitnorm', 'lr 1e-3, EMA warm-up, r_max 0.2, logit-normal t schedule (Table 3 (l))',
+     ['--lr', '1e-3', '--ema-warmup', '--r-max', '0.2', '--schedule', 'logit-normal']),
     ('ew-rmax0.2-b128', 'lr 1e-3, EMA warm-up, r_max 0.2, batch 128 (study part H: a branch of ew-rmax0.2 at 2,400 '
      'iterations)', ['--lr', '1e-3', '--ema-warmup', '--r-max', '0.2', '--batch', '128']),
     ('b256-lr2e-3', 'batch 256, lr 2e-3', ['--batch', '256', '--lr', '2e-3']),
