@@ -304,7 +304,8 @@ def decm_argv(a, teacher_ckpt, out, seed, steps):
             '--steps', str(steps), '--lr', str(a.decm_lr), '--w-cfg', str(a.w_cfg), '--eta', str(a.eta),
             '--device', a.device, '--amp', a.amp, '--resume', 'auto', '--keep', '1'] + \
         (['--data', a.data] if a.data else []) + (['--ema-warmup'] if getattr(a, 'ema_warmup', False) else []) + \
-        (['--r-max', str(a.decm_r_max)] if getattr(a, 'decm_r_max', None) is not None else []) + list(a.extra)
+        (['--r-max', str(a.decm_r_max)] if getattr(a, 'decm_r_max', None) is not None else []) + \
+        (['--schedule', a.decm_schedule] if getattr(a, 'decm_schedule', None) else []) + list(a.extra)
 
 
 def train_teacher(a):
@@ -420,7 +421,7 @@ def pipeline(a):
               f'Settings: teacher {a.teacher_steps} flow-matching iterations (batch {a.batch}, lr {a.teacher_lr:g}, '
               f'seed {a.teacher_seed}); DE-CM {a.decm_steps} iterations per seed (batch {a.decm_batch}, lr '
               f'{a.decm_lr:g}, w_cfg {a.w_cfg:g}, eta {a.eta:g}{", EMA warm-up" if a.ema_warmup else ""}, '
-              f'r_max {a.decm_r_max:g}{", " + " ".join(a.extra) if a.extra else ""}); '
+              f'r_max {a.decm_r_max:g}, t schedule {a.decm_schedule}{", " + " ".join(a.extra) if a.extra else ""}); '
               f'seed s trains DE-CM with seed s and samples every row with noise seed s against real subset s.',
               f'Time: teacher {t1 - t0:.0f} s, DE-CM {t2 - t1:.0f} s ({a.jobs} at a time), sampling and FD '
               f'{t3 - t2:.0f} s; total {t3 - t0:.0f} s on {dev} ({torch.get_num_threads()} threads).',
@@ -1945,6 +1946,10 @@ def main(argv=None):
     p.add_argument('--decm-r-max', type=train.bounded(float, 0, 1), default=0.2, help='train.py --r-max of the '
                    'DE-CM runs: N2N starts from r ~ U(0, r_max) (the study: 0.2 beats train.py\'s 0.05 at 1 and 2 NFE '
                    'over 3 seeds from 200 to 2,000 iterations; 0.5 and 1 are no better)')
+    p.add_argument('--decm-schedule', default='logit-normal', choices=['uniform-seg', 'logit-normal', 'arctan'],
+                   help='train.py --schedule of the DE-CM runs (study part H: logit-normal beats the paper\'s '
+                   'uniform-with-N-seg, train.py\'s default, beyond noise at 1 NFE, 2 NFE and Mix 4 over 3 seeds at 200 and '
+                   '400 iterations; the runs of parts F-H to 3,200 iterations used uniform-seg)')
     p.add_argument('--publish', action='store_true', help='also copy pipeline.md/.json/.png into --results '
                    '(by default they stay in --runs)')
     p.add_argument('extra', nargs='*', help='more train.py flags for the DE-CM runs (after --)')

@@ -1609,6 +1609,7 @@ def test_pipeline_and_study_report_baselines_seeds_and_ratios(tmp_path, capsys):
     assert f'DE-CM at 1 NFE is {ratio:.2f}x' in md                   # the headline is against the strongest
     ck = torch.load(train.latest_checkpoint(os.path.join(runs, 'decm-s1')), map_location='cpu', weights_only=False)
     assert ck['args']['r_max'] == 0.2 and ck['args']['ema_warmup'] and 'r_max 0.2' in md   # the study's defaults
+    assert ck['args']['schedule'] == 'logit-normal' and 't schedule logit-normal' in md
     assert not os.path.exists(os.path.join(HERE, 'results', 'pipeline.json')) or \
         json.load(open(os.path.join(HERE, 'results', 'pipeline.json')))['n'] != 20   # not published
     p = subprocess.run([sys.executable, 'bench.py', 'study', *common, '--skip-teacher', '--configs', 'base', 'facm',
