@@ -1948,8 +1948,8 @@ def main(argv=None):
                    'over 3 seeds from 200 to 2,000 iterations; 0.5 and 1 are no better)')
     p.add_argument('--decm-schedule', default='logit-normal', choices=['uniform-seg', 'logit-normal', 'arctan'],
                    help='train.py --schedule of the DE-CM runs (study part H: logit-normal beats the paper\'s '
-                   'uniform-with-N-seg, train.py\'s default, beyond noise at 1 NFE, 2 NFE and Mix 4 over 3 seeds at 200 and '
-                   '400 iterations; the runs of parts F-H to 3,200 iterations used uniform-seg)')
+                   'uniform-with-N-seg, train.py\'s default, beyond noise at 1 NFE, 2 NFE and Mix 4 over 3 seeds at 200, '
+                   '400 and 800 iterations; the runs of parts F-H to 3,200 iterations used uniform-seg)')
     p.add_argument('--publish', action='store_true', help='also copy pipeline.md/.json/.png into --results '
                    '(by default they stay in --runs)')
     p.add_argument('extra', nargs='*', help='more train.py flags for the DE-CM runs (after --)')
