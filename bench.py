@@ -479,8 +479,8 @@ STUDY = [
      ['--lr', '1e-3', '--ema-warmup', '--r-max', '0.2', '--ema', '0.999']),
     ('ew-rmax0.2-logitnorm', 'lr 1e-3, EMA warm-up, r_max 0.2, logit-normal t schedule (Table 3 (l))',
      ['--lr', '1e-3', '--ema-warmup', '--r-max', '0.2', '--schedule', 'logit-normal']),
-    ('ew-rmax0.2-b128', 'lr 1e-3, EMA warm-up, r_max 0.2, batch 128 (study part H: a branch of ew-rmax0.2 at 2,400 '
-     'iterations)', ['--lr', '1e-3', '--ema-warmup', '--r-max', '0.2', '--batch', '128']),
+    ('ew-rmax0.2-b128', 'lr 1e-3, EMA warm-up, r_max 0.2, batch 128 (study part H ran it from a copy of the '
+     'ew-rmax0.2-ema0.999 runs at 2,400 iterations)', ['--lr', '1e-3', '--ema-warmup', '--r-max', '0.2', '--batch', '128']),
     ('b256-lr2e-3', 'batch 256, lr 2e-3', ['--batch', '256', '--lr', '2e-3']),
     ('b256-lr1e-3-facm', 'batch 256, lr 1e-3, facm', ['--batch', '256', '--lr', '1e-3', '--w1-power', '0.5',
                                                       '--g-clip', '1', '--cm-weight', 'cos']),
