@@ -377,10 +377,11 @@ def pipeline(a):
             fd_cached(cache, f'real|{seed}|{a.n}', lambda: pixel_fd(real2[a.n:].numpy(), real.numpy())))
         decm, stats_d, _ = sample.load_model(decm_dirs[seed], dev)
         for name, smp, nfe in decm_rows:
-            key = f'{decm_dirs[seed]}|{smp}|{nfe}|{seed}|{a.n}'
+            key = f'{decm_dirs[seed]}|{smp}|{nfe}|{seed}|{a.n}' + (f'|t{a.mix_t:g}' if smp == 'mix' else '')
             grid = seed == a.seeds[0] and (smp, nfe) in [('cm', 1), ('cm', 2), ('mix', 4)]
             if key not in cache or grid:
-                fd, x, y = fd_of(decm, stats_d, smp, nfe, real, a.n, None, seed, dev)
+                args = type('A', (), dict(mix_det=None, mix_t=a.mix_t))      # sample.py's --mix-det: nfe // 2
+                fd, x, y = fd_of(decm, stats_d, smp, nfe, real, a.n, args, seed, dev)
                 cache[key] = float(fd)
                 if grid:
                     panels.append((f'DE-CM {smp} {nfe} NFE', grid_rows(x, y)))
@@ -422,6 +423,7 @@ def pipeline(a):
               f'seed {a.teacher_seed}); DE-CM {a.decm_steps} iterations per seed (batch {a.decm_batch}, lr '
               f'{a.decm_lr:g}, w_cfg {a.w_cfg:g}, eta {a.eta:g}{", EMA warm-up" if a.ema_warmup else ""}, '
               f'r_max {a.decm_r_max:g}, t schedule {a.decm_schedule}{", " + " ".join(a.extra) if a.extra else ""}); '
+              f'the Mix sampler switches at t = {a.mix_t:g} after {4 // 2} flow-map steps; '
               f'seed s trains DE-CM with seed s and samples every row with noise seed s against real subset s.',
               f'Time: teacher {t1 - t0:.0f} s, DE-CM {t2 - t1:.0f} s ({a.jobs} at a time), sampling and FD '
               f'{t3 - t2:.0f} s; total {t3 - t0:.0f} s on {dev} ({torch.get_num_threads()} threads).',
@@ -511,6 +513,9 @@ def study_one(a, name, seed, teacher_ckpt, dev):
         model, stats, _ = sample.load_model(out, dev)
         evals[str(step)] = {f'{smp}{nfe}': float(fd_of(model, stats, smp, nfe, real, a.n, None, seed, dev)[0])
                             for smp, nfe in (('cm', 1), ('cm', 2), ('mix', 4))}
+        for t in a.mix_ts:                                     # the Mix switch at other times (key mix4_t<t>)
+            args = type('A', (), dict(mix_det=None, mix_t=t))
+            evals[str(step)][f'mix4_t{t:g}'] = float(fd_of(model, stats, 'mix', 4, real, a.n, args, seed, dev)[0])
         raw, _, _ = sample.load_model(out, dev, use='model')   # the weights without the EMA, CM 1 NFE
         evals[str(step)]['cm1_raw'] = float(fd_of(raw, stats, 'cm', 1, real, a.n, None, seed, dev)[0])
         os.makedirs(out, exist_ok=True)
@@ -541,7 +546,7 @@ def study(a):
     common = ['bench.py', 'study', '--runs', a.runs, '--skip-teacher'] + (['--data', a.data] if a.data else []) + ['--n', str(a.n), '--device', a.device,
               '--amp', a.amp, '--eval-at', *map(str, a.eval_at), '--seeds', *map(str, a.seeds),
               '--decm-batch', str(a.decm_batch), '--decm-lr', str(a.decm_lr), '--w-cfg', str(a.w_cfg),
-              '--eta', str(a.eta), '--cfg-sweep', *map(str, a.cfg_sweep)]
+              '--eta', str(a.eta), '--cfg-sweep', *map(str, a.cfg_sweep), '--mix-ts', *map(str, a.mix_ts)]
     if a.stop_after:
         common += ['--stop-at', str(time.time() + a.stop_after)]
     jobs = [common + ['--one', 'teacher:0']]
@@ -985,22 +990,40 @@ def mix_sweep(a):
             raise ValueError(f'--ckpt {ckpt} is a flow-matching teacher: the Mix sampler needs a DE-CM checkpoint')
         runs.append((model, stats, path, s, real_pixels(a.n, a.data, seed=100 + s)[0]))
 
-    def cell(det, t):
-        args = type('A', (), dict(mix_det=det, mix_t=t))
-        return pm([fd_of(m, st, 'mix', a.nfe, real, a.n, args, s)[0] for m, st, _, s, real in runs])
+    ref = load_json(a.teacher_fd) if a.teacher_fd else {}
+    base = [ref.get(f'teacher, distilled velocity (APG)|50|{s}|{a.n}') for s in seeds]
+    if a.teacher_fd and not all(base):
+        raise ValueError(f'--teacher-fd {a.teacher_fd}: no distilled-velocity teacher FD at 50 steps for seeds '
+                         f'{seeds} and --n {a.n}; run the pipeline or bench.py study with these first')
 
-    rows = ['| `--mix-det` \\ `--mix-t` | ' + ' | '.join(f'{t:g}' for t in a.ts) + ' |',
-            '|---' * (len(a.ts) + 1) + '|']
+    def cell(det, t):                                          # (FD cell, ratio cell) over the seeds
+        args = type('A', (), dict(mix_det=det, mix_t=t))
+        fds = [float(fd_of(m, st, 'mix', a.nfe, real, a.n, args, s)[0]) for m, st, _, s, real in runs]
+        if not a.teacher_fd:
+            return pm(fds), ''
+        beyond = outside_noise(fds, base)                      # paired by seed against the teacher
+        verdict = ('; ' + ('worse' if mean_sd(fds)[0] > mean_sd(base)[0] else 'better')) if beyond else ''
+        return pm(fds), pm([f / b for f, b in zip(fds, base)], 3) + verdict
+
+    head = '|---' * (len(a.ts) + 1) + '|'
+    rows = ['| `--mix-det` \\ `--mix-t` | ' + ' | '.join(f'{t:g}' for t in a.ts) + ' |', head]
+    ratio_rows = ['| `--mix-det` \\ `--mix-t` | ' + ' | '.join(f'{t:g}' for t in a.ts) + ' |', head]
     for det in tqdm(range(a.nfe), desc='mix: --mix-det', dynamic_ncols=True):
         if det == 0:                                           # no deterministic step: the CM sampler
-            fd = cell(0, a.ts[0])
-            rows.append(f'| 0 (the CM sampler) | ' + ' | '.join(fd for _ in a.ts) + ' |')
-            continue
-        rows.append(f'| {det}' + (' (default)' if det == a.nfe // 2 else '') + ' | ' +
-                    ' | '.join(cell(det, t) for t in a.ts) + ' |')
+            cells = [cell(0, a.ts[0])] * len(a.ts)
+            name = '0 (the CM sampler)'
+        else:
+            cells = [cell(det, t) for t in a.ts]
+            name = f'{det}' + (' (default)' if det == a.nfe // 2 else '')
+        rows.append(f'| {name} | ' + ' | '.join(c[0] for c in cells) + ' |')
+        ratio_rows.append(f'| {name} | ' + ' | '.join(c[1] for c in cells) + ' |')
     rows += ['', f'{", ".join(r[2] for r in runs)} (noise seeds and real subsets {seeds}), {a.nfe} NFE, pixel FD '
                  f'of {a.n} samples against {a.n} real digits' + (' (mean +- sd)' if len(runs) > 1 else '') +
              f'; {time.time() - t0:.0f} s on {torch.get_num_threads()} thread(s).']
+    if a.teacher_fd:
+        rows += ['', 'The same cells as ratios to the distilled-velocity teacher at 50 steps (FDs ' +
+                 ', '.join(f'{b:.3f}' for b in base) + f' from {a.teacher_fd}; mean of the per-seed ratios +- sd; '
+                 '"worse"/"better": the paired difference is beyond twice its standard error):', ''] + ratio_rows
     print('\n'.join(rows))
 
 
@@ -1950,6 +1973,9 @@ def main(argv=None):
                    help='train.py --schedule of the DE-CM runs (study part H: logit-normal beats the paper\'s '
                    'uniform-with-N-seg, train.py\'s default, beyond noise at 1 NFE, 2 NFE and Mix 4 over 3 seeds at 200, '
                    '400 and 800 iterations; the runs of parts F-H to 3,200 iterations used uniform-seg)')
+    p.add_argument('--mix-t', type=train.bounded(float, 0, 1, lo_open=True, hi_open=True), default=0.0625,
+                   help="sample.py --mix-t of the Mix row: the switch from flow-map steps to CM steps (study part I: "
+                   "on the logit-normal runs 0.0625 beats sample.py's 0.25, tuned on uniform-seg runs)")
     p.add_argument('--publish', action='store_true', help='also copy pipeline.md/.json/.png into --results '
                    '(by default they stay in --runs)')
     p.add_argument('extra', nargs='*', help='more train.py flags for the DE-CM runs (after --)')
@@ -1965,6 +1991,9 @@ def main(argv=None):
     p.add_argument('--stop-at', type=float, default=0, help=argparse.SUPPRESS)
     p.add_argument('--one', default=None, help=argparse.SUPPRESS)
     p.add_argument('--report', action='store_true', help='only rewrite study.md/.png from the runs')
+    p.add_argument('--mix-ts', type=train.bounded(float, 0, 1, lo_open=True, hi_open=True), nargs='*',
+                   default=[0.0625, 0.125], help="more Mix switch times evaluated at 4 NFE besides sample.py's "
+                   "--mix-t (evals.json keys mix4_t<t>)")
     p.set_defaults(extra=[])
 
     p = sub.add_parser('tables', help="the paper's Table 3 (a)-(o) and Table 4 in miniature")
@@ -2048,6 +2077,8 @@ def main(argv=None):
                    default=[0.25, 0.5, 0.75], help='switch times --mix-t to try')
     p.add_argument('--n', type=train.bounded(int, 2), default=2000, help='samples per FD')
     p.add_argument('--data', default=None, help='latents folder of the real images (default: the built-in digits)')
+    p.add_argument('--teacher-fd', default=None, help="an FD cache with the distilled-velocity teacher at 50 steps "
+                   "(the pipeline's RUNS/fd.json or the study's RUNS/teacher_fd.json): adds ratios to it, paired by seed")
     p.add_argument('--threads', type=train.bounded(int, 0), default=0, help='torch.set_num_threads (0: the default)')
     p = sub.add_parser('regress', help='capacity probe: the one-step student fit by regression to the '
                        "teacher's ODE map (RUNS/regress.md)")

@@ -1610,6 +1610,12 @@ def test_pipeline_and_study_report_baselines_seeds_and_ratios(tmp_path, capsys):
     ck = torch.load(train.latest_checkpoint(os.path.join(runs, 'decm-s1')), map_location='cpu', weights_only=False)
     assert ck['args']['r_max'] == 0.2 and ck['args']['ema_warmup'] and 'r_max 0.2' in md   # the study's defaults
     assert ck['args']['schedule'] == 'logit-normal' and 't schedule logit-normal' in md
+    assert 'the Mix sampler switches at t = 0.0625' in md                 # the Mix row samples at --mix-t
+    model, stats, _ = sample.load_model(os.path.join(runs, 'decm-s0'))
+    real = bench.real_pixels(20, data, seed=100)[0]
+    fds = {t: float(bench.fd_of(model, stats, 'mix', 4, real, 20, type('A', (), dict(mix_det=None, mix_t=t)), 0,
+                                'cpu')[0]) for t in (0.0625, 0.25)}
+    assert fds[0.0625] != fds[0.25] and abs(fd['DE-CM, Mix sampler', 4][0] - fds[0.0625]) < 1e-6, (fds, fd)
     assert not os.path.exists(os.path.join(HERE, 'results', 'pipeline.json')) or \
         json.load(open(os.path.join(HERE, 'results', 'pipeline.json')))['n'] != 20   # not published
     p = subprocess.run([sys.executable, 'bench.py', 'study', *common, '--skip-teacher', '--configs', 'base', 'facm',
@@ -1619,6 +1625,8 @@ def test_pipeline_and_study_report_baselines_seeds_and_ratios(tmp_path, capsys):
     md = (tmp_path / 'res' / 'study.md').read_text()
     every = [x for x in md.splitlines() if re.match(r'\| (base|facm) \| [01] \| [12] \|', x)]
     assert len(every) == 2 * 2 * 2                                    # every run at every step is listed
+    evals = json.load(open(os.path.join(runs, 'facm-s1', 'evals.json')))
+    assert all({'mix4', 'mix4_t0.0625', 'mix4_t0.125'} <= set(evals[k]) for k in ('1', '2')), evals
     with Image.open(tmp_path / 'res' / 'study.png') as im:
         im.verify()
     with pytest.raises(SystemExit) as e:                               # a cosine run is evaluated at its end only
@@ -2386,6 +2394,18 @@ def test_bench_mix_sweeps_the_switch(w, tmp_path):
     two = run_bench('mix', '--ckpt', out, out, '--seeds', '0', '1', '--data', w.D, '--n', '20', '--nfe', '3', '--ts',
                     '0.3', '--threads', '1')                             # one checkpoint per seed: mean +- sd
     assert re.search(r"\| 1 \(default\) \| \d+\.\d\d \+- \d+\.\d\d \|", two), two
+    ref = tmp_path / 'teacher_fd.json'                                   # ratios to the teacher, per seed
+    ref.write_text(json.dumps({'teacher, distilled velocity (APG)|50|0|20': 2.0}))
+    text = run_bench('mix', '--ckpt', out, '--data', w.D, '--n', '20', '--nfe', '3', '--ts', '0.3', '--threads', '1',
+                     '--teacher-fd', str(ref))
+    rows = [l for l in text.splitlines() if l.startswith('| ') and not l.startswith('| `')]
+    assert len(rows) == 6, text                                         # 3 FD rows, then 3 ratio rows
+    for fd_row, ratio_row in zip(rows[:3], rows[3:]):
+        fd, ratio = float(fd_row.split('|')[2]), float(ratio_row.split('|')[2].split(';')[0])
+        assert abs(ratio * 2.0 - fd) < 0.006, (fd_row, ratio_row)       # FD / the teacher's 2.0
+    p = subprocess.run([sys.executable, os.path.join(HERE, 'bench.py'), 'mix', '--ckpt', out, '--data', w.D, '--n',
+                        '30', '--teacher-fd', str(ref)], cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and '--teacher-fd' in p.stderr and 'Traceback' not in p.stderr, p.stderr
 
 
 def test_eval_on_latents_decodes_and_scores_fid(tmp_path, monkeypatch):
