@@ -1963,7 +1963,7 @@ def main(argv=None):
 
     p = sub.add_parser('pipeline', help='the whole miniature pipeline with an FD table over seeds')
     common(p, 'runs/pipe')
-    p.add_argument('--decm-steps', type=int, default=400, help='DE-CM iterations (400: about 9 minutes of DE-CM on '
+    p.add_argument('--decm-steps', type=int, default=400, help='DE-CM iterations (400: an estimated 9 minutes of DE-CM on '
                    '2 CPU cores; 800 meets the three targets, study part I)')
     p.add_argument('--no-ema-warmup', dest='ema_warmup', action='store_false', help='constant EMA decay for the '
                    'DE-CM runs (default: train.py --ema-warmup, which the study found better at 1 and 2 NFE)')
