@@ -423,7 +423,7 @@ def pipeline(a):
               f'seed {a.teacher_seed}); DE-CM {a.decm_steps} iterations per seed (batch {a.decm_batch}, lr '
               f'{a.decm_lr:g}, w_cfg {a.w_cfg:g}, eta {a.eta:g}{", EMA warm-up" if a.ema_warmup else ""}, '
               f'r_max {a.decm_r_max:g}, t schedule {a.decm_schedule}{", " + " ".join(a.extra) if a.extra else ""}); '
-              f'the Mix sampler switches at t = {a.mix_t:g} after {4 // 2} flow-map steps; '
+              f'the Mix sampler switches at t = {a.mix_t:g} after 2 flow-map steps; '
               f'seed s trains DE-CM with seed s and samples every row with noise seed s against real subset s.',
               f'Time: teacher {t1 - t0:.0f} s, DE-CM {t2 - t1:.0f} s ({a.jobs} at a time), sampling and FD '
               f'{t3 - t2:.0f} s; total {t3 - t0:.0f} s on {dev} ({torch.get_num_threads()} threads).',
