@@ -1005,9 +1005,8 @@ def mix_sweep(a):
         verdict = ('; ' + ('worse' if mean_sd(fds)[0] > mean_sd(base)[0] else 'better')) if beyond else ''
         return pm(fds), pm([f / b for f, b in zip(fds, base)], 3) + verdict
 
-    head = '|---' * (len(a.ts) + 1) + '|'
-    rows = ['| `--mix-det` \\ `--mix-t` | ' + ' | '.join(f'{t:g}' for t in a.ts) + ' |', head]
-    ratio_rows = ['| `--mix-det` \\ `--mix-t` | ' + ' | '.join(f'{t:g}' for t in a.ts) + ' |', head]
+    head = ['| `--mix-det` \\ `--mix-t` | ' + ' | '.join(f'{t:g}' for t in a.ts) + ' |', '|---' * (len(a.ts) + 1) + '|']
+    rows, ratio_rows = list(head), list(head)
     for det in tqdm(range(a.nfe), desc='mix: --mix-det', dynamic_ncols=True):
         if det == 0:                                           # no deterministic step: the CM sampler
             cells = [cell(0, a.ts[0])] * len(a.ts)
