@@ -7,10 +7,7 @@ CM (Alg. 1 l.8-11). Along the teacher ODE dx/dt = v the consistency function f(x
     d/dt f(x_t, t, 1) = v - F + (1 - t) dF/dt,   dF/dt = JVP of F at (x_t, t, 1) along (v, 1, 0)  (Eq. 11)
     g_cm = F - v - (1 - t) dF/dt = -d/dt f                                     (l.9)
     target = sg(F) - w1(t) g_cm                                                (l.10; w1 = 1: MeanFlow's)
-  The paper leaves w1(t) open. Besides a constant, `cm_loss` takes FACM's relaxation (the closest
-  working system, same teacher): w1(t) = w1 (1 - t^q) (no pull at the data end t = 1, where
-  f(x, 1, 1) = x holds by construction), g clipped elementwise to [-g_clip, g_clip], and the per-sample
-  loss weighted by cos(pi t / 2). Defaults: constant w1, no clip, no weight (Alg. 1 as written).
+  The paper leaves w1(t) open; we take a constant (FACM's relaxation lost in our study: experiments/).
 
 N2N (Alg. 1 l.17-25). f(x_r, r, t) maps a point near noise (r -> 0) to time t, two residuals vanish:
     left end, r moves along the teacher trajectory (dx_r/dr = v_r):
@@ -39,24 +36,21 @@ Fused JVP: the loss is taken on the JVP's primal output, saving one forward pass
 tangent graph alive until backward (about 2.5x the activation memory). `fused=False` runs the JVP
 under no_grad and a separate forward for the loss.
 JVP precision (`jvp_dtype`): float32 by default (autocast off, TF32 matmuls on CUDA); bfloat16 runs
-the JVP under bf16 autocast like the other passes (README: its error against a float64 JVP).
+the JVP under bf16 autocast like the other passes (experiments/: its error against a float64 JVP).
 Compiled JVP (`compiled=True`, train.py --compile-jvp): the same function under torch.compile, so that
-the JVP and the backward through its primal run as generated kernels (README: the speed-up on CPU).
+the JVP and the backward through its primal run as generated kernels (experiments/: the speed-up).
 """
 import functools
-import math
 
 import torch
 import torch.nn.functional as F
 from torch.func import jvp
 
 
-def adaptive_l2(pred, target, p=0.5, c=1e-3, weight=None):
-    """Per-sample mean squared error, divided by sg(error + c)^p, times an optional per-sample weight,
-    averaged over the batch."""
+def adaptive_l2(pred, target, p=0.5, c=1e-3):
+    """Per-sample mean squared error, divided by sg(error + c)^p, averaged over the batch."""
     err = (pred - target).float().pow(2).flatten(1).mean(1)
-    loss = err / (err.detach() + c).pow(p)
-    return (loss if weight is None else loss * weight).mean()
+    return (err / (err.detach() + c).pow(p)).mean()
 
 
 def bcast(t, x):
@@ -93,25 +87,19 @@ def model_jvp(model, x, t, s, y, tangents, fused=True, dtype=torch.float32, comp
     return model(x, t, s, y), dout.to(x.dtype)
 
 
-def cm_residual(F_cm, dF, v, t, w1=1.0, w1_power=0.0, g_clip=0.0):
-    """Alg.1 l.9-10: g_cm and the CM target (all inputs detached). w1(t) = w1 (1 - t^w1_power) when
-    w1_power > 0 (FACM's relaxation), else the constant w1; g_clip > 0 clips g elementwise."""
+def cm_residual(F_cm, dF, v, t, w1=1.0):
+    """Alg.1 l.9-10: g_cm and the CM target (all inputs detached)."""
     g = F_cm - v - bcast(1 - t, v) * dF                        # l.9: g_cm = sg(F) - v - (1 - t) dF/dt
-    w = w1 * (1 - t.pow(w1_power)) if w1_power > 0 else torch.full_like(t, w1)
-    g_used = g.clamp(-g_clip, g_clip) if g_clip > 0 else g
-    return g, F_cm - bcast(w, g) * g_used                      # l.10: v_tar = sg(F) - w1(t) g_cm
+    return g, F_cm - w1 * g                                    # l.10: v_tar = sg(F) - w1(t) g_cm
 
 
-def cm_loss(model, x_t, t, y, v, w1=1.0, p=0.5, c=1e-3, fused=True, jvp_dtype=torch.float32, compiled=False,
-            w1_power=0.0, g_clip=0.0, time_weight='none'):
-    """L_cm of Eq. 10 at s = 1 (time_weight 'cos': each sample weighted by cos(pi t / 2)).
-    Returns (loss, F_cm detached)."""
+def cm_loss(model, x_t, t, y, v, w1=1.0, p=0.5, c=1e-3, fused=True, jvp_dtype=torch.float32, compiled=False):
+    """L_cm of Eq. 10 at s = 1."""
     one = torch.ones_like(t)
     # l.8: F_cm, dF/dt <- JVP(F, (x_t, t, 1), (v, 1, 0))
     F_cm, dF = model_jvp(model, x_t, t, one, y, (v, one, torch.zeros_like(t)), fused, jvp_dtype, compiled)
-    _, target = cm_residual(F_cm.detach(), dF, v, t, w1, w1_power, g_clip)
-    weight = torch.cos(math.pi / 2 * t) if time_weight == 'cos' else None
-    return adaptive_l2(F_cm, target, p, c, weight), F_cm.detach()   # l.11: d1(F_cm, v_tar)
+    _, target = cm_residual(F_cm.detach(), dF, v, t, w1)
+    return adaptive_l2(F_cm, target, p, c)                     # l.11: d1(F_cm, v_tar)
 
 
 def n2n_residual(F_n2n, dF, v_r, v_psi, r, t, lam=1.0, gam=1.0, w2=1.0):
@@ -123,13 +111,14 @@ def n2n_residual(F_n2n, dF, v_r, v_psi, r, t, lam=1.0, gam=1.0, w2=1.0):
 def n2n_loss(model, x_r, r, t, y, v_r, v_psi, lam=1.0, gam=1.0, w2=1.0, p=0.5, c=1e-3, fused=True,
              jvp_dtype=torch.float32, compiled=False):
     """L_n2n of Eq. 15. v_psi, the teacher velocity at time t (see the docstring), is a tensor or a
-    function of the N2N output F (to evaluate the teacher at f(x_r, r, t)). Returns (loss, F)."""
+    function of the predicted point f(x_r, r, t) (Eq. 13)."""
     # l.22: F_n2n, dF <- JVP(F, (x_r, r, t), (lambda v_r, lambda, -gamma))
     tangents = (lam * v_r, torch.full_like(r, lam), torch.full_like(t, -gam))
     F_n2n, dF = model_jvp(model, x_r, r, t, y, tangents, fused, jvp_dtype, compiled)
-    v_psi = v_psi(F_n2n.detach()) if callable(v_psi) else v_psi
+    if callable(v_psi):                                        # Eq. 13: the teacher at f(x_r, r, t)
+        v_psi = v_psi(x_r + bcast(t - r, x_r) * F_n2n.detach())
     _, target = n2n_residual(F_n2n.detach(), dF, v_r, v_psi, r, t, lam, gam, w2)
-    return adaptive_l2(F_n2n, target, p, c), F_n2n.detach()   # l.25
+    return adaptive_l2(F_n2n, target, p, c)                    # l.25
 
 
 def fm_loss(model, x_t, t, y, v, p=0.5, c=1e-3):

@@ -16,9 +16,7 @@ Attention uses F.scaled_dot_product_attention. Forward-mode AD (torch.func.jvp) 
 for the fused kernels, so losses.py runs its JVPs with `explicit_attention=True` (softmax written out).
 """
 import math
-import os
 import pickle
-import re
 from collections.abc import Mapping
 
 import numpy as np
@@ -258,13 +256,19 @@ def describe_keys(keys):
     return 'not a file this project knows'
 
 
-def load_dit_state(model, sd, path):
-    """load_state_dict(strict=True) with a one-line error that names the offending keys."""
-    own = model.state_dict()
+def key_problems(own, sd):
+    """Keys of the state dict own missing from sd, keys of sd not in own, and 'key (shape in sd) vs (own)'
+    for values of sd that are not tensors of own's shapes."""
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
-    wrong = [f'{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}' for k in own
-             if k in sd and hasattr(sd[k], 'shape') and sd[k].shape != own[k].shape]
+    wrong = [f'{k} {tuple(getattr(sd[k], "shape", ()))} vs {tuple(own[k].shape)}' for k in own
+             if k in sd and (not torch.is_tensor(sd[k]) or sd[k].shape != own[k].shape)]
+    return missing, unexpected, wrong
+
+
+def load_dit_state(model, sd, path):
+    """load_state_dict(strict=True) with a one-line error that names the offending keys."""
+    missing, unexpected, wrong = key_problems(model.state_dict(), sd)
     if missing or unexpected or wrong:
         raise ValueError(f'{path} does not fit the model ({describe_keys(sd.keys())}): '
                          f'missing {missing[:3]} unexpected {unexpected[:3]} wrong shapes {wrong[:3]}')
@@ -276,247 +280,139 @@ def count_params(model):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-# ----------------------------------------------------------------------------
-# VA-VAE (f16d32) decoder: latents -> images.
-#
-# Architecture = the LDM KL-autoencoder decoder with the VA-VAE f16d32 settings
-# (tokenizer/configs/vavae_f16d32.yaml ddconfig): ch 128, ch_mult (1,1,2,2,4),
-# num_res_blocks 2 (decoder uses 2+1 ResBlocks per level), attn_resolutions
-# [16], z_channels 32, embed_dim 32, out_ch 3, resolution 256, dropout 0,
-# GroupNorm(32 groups, eps 1e-6, affine), swish, no timestep embedding,
-# give_pre_end False, tanh_out False.  decode(z) = decoder(post_quant_conv(z)).
-#
-# Parameter names follow the release checkpoint exactly (decoder.* and
-# post_quant_conv.*), so the weights load without renaming.
-#
-# Release file (vavae-imagenet256-f16d32-dinov2.pt): upstream's
-# tokenizer/autoencoder.py loads it with torch.load and, if the object has a
-# 'state_dict' key, uses that entry (i.e. a PyTorch-Lightning style checkpoint
-# {'state_dict': {...}, ...}); otherwise the object itself is the state dict.
-# That state dict holds the whole training-time AutoencoderKL: encoder.*,
-# quant_conv.*, decoder.*, post_quant_conv.*, loss.* (LPIPS/discriminator) and
-# the VF-alignment extras (foundation_model.*, linear_proj.*).  Only decoder.*
-# and post_quant_conv.* are used here.
-# ----------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------
+# VA-VAE f16d32 decoder (LightningDiT's tokenizer): latents -> images. The LDM KL-autoencoder decoder with
+# tokenizer/configs/vavae_f16d32.yaml's ddconfig: ch 128, ch_mult (1, 1, 2, 2, 4), 2 + 1 ResBlocks per level,
+# attention at 16x16 only, z_channels = embed_dim = 32, GroupNorm(32, eps 1e-6), swish, dropout 0, no tanh;
+# decode(z) = decoder(post_quant_conv(z)). The release file vavae-imagenet256-f16d32-dinov2.pt is
+# {'state_dict': sd, ...} (upstream's tokenizer/autoencoder.py also accepts a bare sd). sd holds the whole
+# training-time autoencoder (encoder.*, quant_conv.*, loss.*, foundation_model.*, linear_proj.*); only
+# decoder.* and post_quant_conv.* are used, under the file's own names.
+# ---------------------------------------------------------------------------------------------------
 
 def _vae_norm(channels):
     return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
 
 
 class VAEResBlock(nn.Module):
-    """Pre-activation residual block: (GN, swish, conv3x3) x 2, 1x1 skip when widths differ."""
+    """(GroupNorm, swish, conv3x3) x 2 plus the input, through a 1x1 conv (nin_shortcut) when widths differ."""
 
     def __init__(self, in_ch, out_ch):
         super().__init__()
-        self.norm1 = _vae_norm(in_ch)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.norm2 = _vae_norm(out_ch)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
-        # checkpoint name for the 1x1 projection on the residual path
+        self.norm1, self.conv1 = _vae_norm(in_ch), nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.norm2, self.conv2 = _vae_norm(out_ch), nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
     def forward(self, x):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        skip = x if self.nin_shortcut is None else self.nin_shortcut(x)
-        return skip + h
+        h = self.conv2(F.silu(self.norm2(self.conv1(F.silu(self.norm1(x))))))
+        return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
 
 
 class VAEAttnBlock(nn.Module):
-    """Single-head spatial self-attention; q/k/v/proj_out are 1x1 convs (checkpoint layout)."""
+    """Single-head self-attention over the H*W positions; q, k, v and proj_out are 1x1 convs."""
 
     def __init__(self, ch):
         super().__init__()
         self.norm = _vae_norm(ch)
-        self.q = nn.Conv2d(ch, ch, 1)
-        self.k = nn.Conv2d(ch, ch, 1)
-        self.v = nn.Conv2d(ch, ch, 1)
-        self.proj_out = nn.Conv2d(ch, ch, 1)
+        self.q, self.k, self.v, self.proj_out = [nn.Conv2d(ch, ch, 1) for _ in range(4)]
 
     def forward(self, x):
-        n, c, hgt, wid = x.shape
+        n, c, h, w = x.shape
         y = self.norm(x)
-
-        def tokens(t):  # (N, C, H, W) -> (N, 1, H*W, C)
-            return t.flatten(2).transpose(1, 2).unsqueeze(1)
-
-        att = F.scaled_dot_product_attention(tokens(self.q(y)), tokens(self.k(y)), tokens(self.v(y)))
-        att = att.squeeze(1).transpose(1, 2).reshape(n, c, hgt, wid)
+        q, k, v = [m(y).flatten(2).transpose(1, 2).unsqueeze(1) for m in (self.q, self.k, self.v)]  # (N, 1, HW, C)
+        att = F.scaled_dot_product_attention(q, k, v).squeeze(1).transpose(1, 2).reshape(n, c, h, w)
         return x + self.proj_out(att)
-
-
-class VAEUpsample(nn.Module):
-    """Nearest-neighbour x2 followed by a 3x3 conv."""
-
-    def __init__(self, ch):
-        super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
-class VAEMidBlock(nn.Module):
-    def __init__(self, ch):
-        super().__init__()
-        self.block_1 = VAEResBlock(ch, ch)
-        self.attn_1 = VAEAttnBlock(ch)
-        self.block_2 = VAEResBlock(ch, ch)
-
-    def forward(self, x):
-        return self.block_2(self.attn_1(self.block_1(x)))
-
-
-class VAEUpLevel(nn.Module):
-    """One resolution level: ResBlocks (each optionally followed by attention), then optional upsample."""
-
-    def __init__(self, in_ch, out_ch, n_blocks, use_attn, upsample):
-        super().__init__()
-        self.block = nn.ModuleList()
-        self.attn = nn.ModuleList()
-        for i in range(n_blocks):
-            self.block.append(VAEResBlock(in_ch if i == 0 else out_ch, out_ch))
-            if use_attn:
-                self.attn.append(VAEAttnBlock(out_ch))
-        self.upsample = VAEUpsample(out_ch) if upsample else None
-
-    def forward(self, x):
-        for i, blk in enumerate(self.block):
-            x = blk(x)
-            if len(self.attn) > 0:
-                x = self.attn[i](x)
-        if self.upsample is not None:
-            x = self.upsample(x)
-        return x
-
-
-class VAEDecoderTrunk(nn.Module):
-    """The `decoder.*` part of the LDM autoencoder.  up[i] is stored at index i
-    (i = 0 is the full-resolution level) but executed from the coarsest level down."""
-
-    def __init__(self, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,),
-                 z_channels=32, out_ch=3, resolution=256):
-        super().__init__()
-        n_levels = len(ch_mult)
-        width = ch * ch_mult[-1]
-        res = resolution // 2 ** (n_levels - 1)
-        self.conv_in = nn.Conv2d(z_channels, width, 3, padding=1)
-        self.mid = VAEMidBlock(width)
-        levels = [None] * n_levels
-        for lvl in range(n_levels - 1, -1, -1):
-            out_w = ch * ch_mult[lvl]
-            levels[lvl] = VAEUpLevel(width, out_w, num_res_blocks + 1,
-                                     use_attn=res in attn_resolutions, upsample=lvl != 0)
-            width = out_w
-            if lvl != 0:
-                res *= 2
-        self.up = nn.ModuleList(levels)
-        self.norm_out = _vae_norm(width)
-        self.conv_out = nn.Conv2d(width, out_ch, 3, padding=1)
-
-    def forward(self, z):
-        h = self.mid(self.conv_in(z))
-        for lvl in range(len(self.up) - 1, -1, -1):
-            h = self.up[lvl](h)
-        return self.conv_out(F.silu(self.norm_out(h)))
 
 
 class VAVAEDecoder(nn.Module):
     """VA-VAE f16d32 decoder: de-normalised latents (N, 32, 16, 16) -> images (N, 3, 256, 256) in ~[-1, 1].
 
-    state_dict keys: post_quant_conv.{weight,bias} and decoder.* exactly as in the release file.
-    The constructor arguments exist so tests can build a narrow copy (e.g. ch=32); keep the
-    defaults for the released weights.
+    state_dict keys are the release file's: decoder.{conv_in, mid, up, norm_out, conv_out}.* and
+    post_quant_conv.*. decoder.up[i] is resolution level i (0: full resolution, the only one without
+    upsample), run from the coarsest level down. The arguments exist so that tests can build a narrow
+    copy (e.g. ch=32); keep the defaults for the released weights.
     """
 
     def __init__(self, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_resolutions=(16,),
                  z_channels=32, embed_dim=32, out_ch=3, resolution=256):
         super().__init__()
         self.embed_dim = embed_dim
-        # same registration order as the checkpoint: decoder.* first, then post_quant_conv.*
-        self.decoder = VAEDecoderTrunk(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks,
-                                       attn_resolutions=attn_resolutions, z_channels=z_channels,
-                                       out_ch=out_ch, resolution=resolution)
+        d = self.decoder = nn.Module()                         # registered first, as in the file
+        width, res = ch * ch_mult[-1], resolution // 2 ** (len(ch_mult) - 1)
+        d.conv_in = nn.Conv2d(z_channels, width, 3, padding=1)
+        d.mid = nn.Module()
+        d.mid.block_1, d.mid.attn_1, d.mid.block_2 = VAEResBlock(width, width), VAEAttnBlock(width), \
+            VAEResBlock(width, width)
+        levels = [None] * len(ch_mult)
+        for lvl in reversed(range(len(ch_mult))):
+            level = levels[lvl] = nn.Module()
+            out_w = ch * ch_mult[lvl]
+            level.block, level.attn = nn.ModuleList(), nn.ModuleList()
+            for i in range(num_res_blocks + 1):
+                level.block.append(VAEResBlock(width if i == 0 else out_w, out_w))
+                if res in attn_resolutions:
+                    level.attn.append(VAEAttnBlock(out_w))
+            width = out_w
+            if lvl != 0:                                       # nearest x2, then a 3x3 conv
+                level.upsample = nn.Module()
+                level.upsample.conv = nn.Conv2d(width, width, 3, padding=1)
+                res *= 2
+        d.up = nn.ModuleList(levels)
+        d.norm_out, d.conv_out = _vae_norm(width), nn.Conv2d(width, out_ch, 3, padding=1)
         self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
 
     def forward(self, z):
-        return self.decoder(self.post_quant_conv(z))
+        d = self.decoder
+        h = d.conv_in(self.post_quant_conv(z))
+        h = d.mid.block_2(d.mid.attn_1(d.mid.block_1(h)))
+        for level in reversed(d.up):
+            for i, block in enumerate(level.block):
+                h = block(h)
+                if len(level.attn) > 0:
+                    h = level.attn[i](h)
+            if hasattr(level, 'upsample'):
+                h = level.upsample.conv(F.interpolate(h, scale_factor=2.0, mode='nearest'))
+        return d.conv_out(F.silu(d.norm_out(h)))
 
 
-_VAE_PREFIXES = ("decoder.", "post_quant_conv.")
+def load_refusal(e):
+    """Why torch.load(weights_only=True) failed, in one short line, without torch's advice to load unsafely."""
+    lines = [l.strip() for l in str(e).split('WeightsUnpickler error:')[-1].splitlines() if l.strip()]
+    return (lines[0].split('. ')[0] if lines else type(e).__name__)[:200]
 
 
-def _vae_describe_checkpoint(obj, keys):
-    """Best guess of what a non-matching file is, for error messages."""
-    if isinstance(obj, Mapping) and all(k in obj for k in ("model", "ema", "args")):
-        return "looks like a decm checkpoint (has 'model', 'ema', 'args' entries), not a VA-VAE file"
-    inner = []
-    if isinstance(obj, Mapping):
-        for name in ("ema", "model"):
-            if isinstance(obj.get(name), Mapping):
-                inner.extend(str(k) for k in obj[name].keys())
-    dit_markers = ("blocks.0.attn.qkv.weight", "y_embedder.embedding_table.weight",
-                   "x_embedder.proj.weight", "t_embedder.mlp.0.weight", "final_layer.linear.weight")
-    pool = set(keys) | set(inner)
-    if any(m in pool or ("module." + m) in pool for m in dit_markers):
-        return "looks like a LightningDiT checkpoint (DiT keys such as blocks.0.attn.qkv.weight / y_embedder.*), not a VA-VAE file"
-    if any(k.startswith(("decoder.", "encoder.", "post_quant_conv.", "quant_conv.")) for k in keys):
-        return "looks like a VA-VAE/LDM autoencoder file, but its decoder does not match the f16d32 layout"
-    return "not recognised as a VA-VAE, LightningDiT or decm file"
+def _short(names, n=4):
+    names = [str(k) for k in names]
+    return ', '.join(names[:n]) + (f' (+{len(names) - n} more)' if len(names) > n else '') if names else 'none'
 
 
-def _vae_short_list(names, n=4):
-    names = list(names)
-    head = ", ".join(names[:n])
-    return head + (f" (+{len(names) - n} more)" if len(names) > n else "") if names else "none"
+def load_vavae_decoder(path, device='cpu', decoder_kwargs=None):
+    """VAVAEDecoder in eval mode with decoder.* and post_quant_conv.* of the VA-VAE release file at path.
 
-
-def load_vavae_decoder(path, device="cpu", allow_unsafe_pickle=False, decoder_kwargs=None):
-    """Build VAVAEDecoder and load decoder.* / post_quant_conv.* from the VA-VAE release file.
-
-    Accepts {'state_dict': sd, ...} (release format) or a bare state dict; every other key
-    (encoder.*, quant_conv.*, loss.*, foundation_model.*, linear_proj.*, ...) is ignored.
-    Loading is strict on the kept keys; any missing/unexpected/mis-shaped key raises ValueError.
-    The file is read with weights_only=True; pass allow_unsafe_pickle=True only for a trusted file
-    that stores non-tensor Python objects the safe loader refuses.
-    decoder_kwargs: VAVAEDecoder constructor overrides (tests only; leave None for the release file).
+    The file is {'state_dict': sd, ...} (the release format) or sd itself; the other keys of sd are
+    ignored and the kept ones must fit exactly. It is read with weights_only=True only: a file of pickled
+    Python objects is refused and none of its code runs. Every problem is a one-line ValueError.
+    decoder_kwargs: VAVAEDecoder arguments (tests only; None for the release file).
     """
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if not allow_unsafe_pickle:
-            msg = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
-            first = msg.splitlines()[0] if msg else type(e).__name__
-            raise ValueError(f"{path}: torch.load(weights_only=True) refused the file ({first}); "
-                             f"if the file is trusted, call load_vavae_decoder(..., allow_unsafe_pickle=True)") from e
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-
-    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        sd = obj["state_dict"]
-    elif isinstance(obj, Mapping):
-        sd = obj
-    else:
-        raise ValueError(f"{path}: expected a dict / state dict, got {type(obj).__name__}")
-
-    all_keys = [str(k) for k in sd.keys()]
-    kept = {k: v for k, v in sd.items() if isinstance(k, str) and k.startswith(_VAE_PREFIXES)}
-
+        obj = torch.load(path, map_location='cpu', weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise ValueError(f'{path} is not a VA-VAE weights file of tensors: torch.load(weights_only=True) '
+                         f'refused it ({load_refusal(e)})') from None
+    if not isinstance(obj, Mapping):
+        raise ValueError(f'{path} is not a VA-VAE weights file: it holds a {type(obj).__name__}, not a state dict')
+    sd = obj['state_dict'] if isinstance(obj.get('state_dict'), Mapping) else obj
+    kept = {k: v for k, v in sd.items() if isinstance(k, str) and k.startswith(('decoder.', 'post_quant_conv.'))}
     model = VAVAEDecoder(**(decoder_kwargs or {}))
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in kept]
-    unexpected = [k for k in kept if k not in expected]
-    bad_shape = [f"{k} {tuple(kept[k].shape)}!={tuple(expected[k].shape)}" for k in expected
-                 if k in kept and (not torch.is_tensor(kept[k]) or kept[k].shape != expected[k].shape)]
-    if missing or unexpected or bad_shape:
-        kind = _vae_describe_checkpoint(obj, all_keys)
-        raise ValueError(
-            f"{path}: cannot load VA-VAE f16d32 decoder: {kind}; "
-            f"missing: {_vae_short_list(missing)}; unexpected: {_vae_short_list(unexpected)}; shape mismatch: {_vae_short_list(bad_shape)}; "
-            f"file keys start with: {_vae_short_list(all_keys)}")
-
+    missing, unexpected, wrong = key_problems(model.state_dict(), kept)
+    if missing or unexpected or wrong:
+        inner = [k for n in ('model', 'ema') if isinstance(obj.get(n), Mapping) for k in obj[n]]
+        kind = describe_keys(str(k).removeprefix('module.') for k in [*obj, *sd, *inner])
+        raise ValueError(f'{path} does not fit the VA-VAE f16d32 decoder (it looks like {kind}): missing '
+                         f'{_short(missing)}; unexpected {_short(unexpected)}; wrong shapes {_short(wrong)}; '
+                         f'file keys start with {_short(sd)}')
     model.load_state_dict({k: v.to(torch.float32) for k, v in kept.items()}, strict=True)
-    model.to(device).eval().requires_grad_(False)
-    return model
+    return model.to(device).eval().requires_grad_(False)
 
 
 @torch.no_grad()

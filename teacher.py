@@ -11,10 +11,9 @@ one default works for 1x16x16 pixels and 32x16x16 latents alike. With `vnorm=Fal
 CFG (Eq. 18): v = v_c + (w_cfg - 1)(v_c - v_u), ablation (i) of Table 3.
 With no teacher ("from scratch") the target is the straight-path velocity v = z_ref - z (l.6 comment).
 
-Guidance acts on all channels. (LightningDiT's own `forward_with_cfg` guides only the first three
-channels, a legacy of DiT's 4-channel latents kept "for reproducibility"; on 32-channel VA-VAE
-latents that is a bug, and we do not copy it into distillation. The teacher's own sampler offers it
-as `cfg_channels=3`, to reproduce upstream's FID.)
+Guidance acts on all channels (LightningDiT's `forward_with_cfg` guides only the first three, a legacy
+of DiT's 4-channel latents; we do not distil that, but the teacher's sampler offers it to reproduce
+upstream's FID: `channels=3`).
 
 Checkpoints understood by `load_teacher`: ours (a dict with 'model', 'ema', 'args'; the EMA weights
 are used), LightningDiT's files (a dict with 'model', 'ema', 'opt', 'config': the 'ema' weights are
@@ -52,13 +51,9 @@ def read_checkpoint(path):
     except Exception as e:  # truncated file, a pickle that needs code, not a torch file at all
         msg = re.sub(r'\x1b\[[0-9;]*m', '', str(e))
         needs = re.search(r'Unsupported global: GLOBAL ([\w.]+)', msg)
-        if needs:
-            why = f'it pickles the Python object {needs.group(1)}, and loading that could run code'
-        elif 'Weights only load failed' in msg:
-            why = 'it is not a torch checkpoint of tensors and plain containers'
-        else:
-            first = (msg.strip().splitlines() or [''])[0].split('. ')[0][:120]
-            why = f'not a complete torch file ({type(e).__name__}: {first})'
+        why = (f'it pickles the Python object {needs.group(1)}, and loading that could run code' if needs else
+               'it is not a torch checkpoint of tensors and plain containers' if 'Weights only' in msg else
+               f'not a complete torch file ({type(e).__name__}: {msg.strip()[:100]})')
         raise ValueError(f'cannot read checkpoint {path} safely (weights_only=True): {why}')
 
 
@@ -95,20 +90,18 @@ def load_teacher(path, preset='XL/1', in_channels=None, input_size=None, num_cla
         given = dict(in_channels=in_channels, input_size=input_size, num_classes=num_classes)
         cfg.update({k: v for k, v in given.items() if v is not None})
         try:
-            model = load_dit_state(DiT(**cfg), sd, path)
+            return load_dit_state(DiT(**cfg), sd, path).eval().requires_grad_(False).to(device)
         except ValueError as e:
             raise ValueError(f'{e}; is --preset {preset} the architecture of this LightningDiT file?')
-        return model.eval().requires_grad_(False).to(device)
-    model = load_dit_state(DiT(**cfg), sd, path)
-    model.eval().requires_grad_(False)
-    return model.to(device)
+    return load_dit_state(DiT(**cfg), sd, path).eval().requires_grad_(False).to(device)
 
 
-def teacher_velocity(teacher, x, t, y, z=None, x_ref=None, w_cfg=1.0, eta=1.0, vnorm=True):
-    """Alg.1 l.5-6 (l.20-21 with r in place of t). teacher=None: the from-scratch v = x_ref - z."""
+def teacher_velocity(teacher, x, t, y, z=None, x_ref=None, w_cfg=1.0, eta=1.0, vnorm=True, channels=0):
+    """Alg.1 l.5-6 (l.20-21 with r in place of t). teacher=None: the from-scratch v = x_ref - z.
+    vnorm=False: plain CFG (Eq. 18). channels=k > 0 guides only the first k channels (the rest stay
+    conditional: LightningDiT's `forward_with_cfg` with k = 3, for the teacher's own sampler only)."""
     if teacher is None:
         return x_ref - z                                       # Alg.1 l.6 comment: from scratch
-    B = x.shape[0]
     if w_cfg == 1.0:                                           # no guidance: one conditional call
         return teacher(x, t, None, y)
     null = torch.full_like(y, teacher.num_classes)
@@ -116,24 +109,8 @@ def teacher_velocity(teacher, x, t, y, z=None, x_ref=None, w_cfg=1.0, eta=1.0, v
     v_c, v_u = teacher(torch.cat([x, x]), torch.cat([t, t]), None, torch.cat([y, null])).chunk(2)
     d = v_c - v_u
     if vnorm:                                                  # l.6: APG normalisation, per sample
-        D = d[0].numel()
-        norm = d.flatten(1).norm(dim=1).clamp_min(1e-12).view(B, *[1] * (d.dim() - 1))
-        d = eta * math.sqrt(D) * d / norm
+        norm = d.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (d.dim() - 1))
+        d = eta * math.sqrt(d[0].numel()) * d / norm
+    if channels > 0:
+        d[:, channels:] = 0
     return v_c + (w_cfg - 1) * d                               # Eq. 18 when vnorm is off
-
-
-@torch.no_grad()
-def cfg_velocity(teacher, x, t, y, w_cfg, cfg_interval_start=0.0, cfg_channels=0):
-    """Plain CFG for the teacher's own Euler sampler: v_u + w (v_c - v_u), for t >= cfg_interval_start
-    (LightningDiT's CFG interval; below it the conditional velocity alone). cfg_channels=0 guides every
-    channel (ours); cfg_channels=k guides only the first k and leaves the others conditional (k = 3 is
-    LightningDiT's `forward_with_cfg`, needed only to reproduce its published numbers)."""
-    if w_cfg == 1.0:
-        return teacher(x, t, None, y)
-    null = torch.full_like(y, teacher.num_classes)
-    v_c, v_u = teacher(torch.cat([x, x]), torch.cat([t, t]), None, torch.cat([y, null])).chunk(2)
-    guided = v_u + w_cfg * (v_c - v_u)
-    if cfg_channels > 0:                                       # upstream's rule: the rest stays conditional
-        guided = torch.cat([guided[:, :cfg_channels], v_c[:, cfg_channels:]], dim=1)
-    on = (t >= cfg_interval_start).view(-1, *[1] * (x.dim() - 1))
-    return torch.where(on, guided, v_c)
