@@ -39,7 +39,6 @@ class FIDError(ValueError):
 
 
 # -------------------- Gaussian statistics and the Frechet distance
-
 def sqrt_psd(sigma, name):
     """Symmetric square root of a covariance matrix by eigendecomposition (round-off negatives -> 0)."""
     w, v = np.linalg.eigh((sigma + sigma.T) / 2)
@@ -49,10 +48,9 @@ def sqrt_psd(sigma, name):
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64. tr((S1 S2)^(1/2)) sums the
-    square roots of the eigenvalues of S1 S2, those of the symmetric PSD S1^(1/2) S2 S1^(1/2): exact, also for
-    a singular S1 or S2 (fewer samples than dimensions), where scipy.linalg.sqrtm of S1 S2 warns, needs an eps
-    offset and may turn complex. On well-conditioned statistics the two agree to round-off (test_all.py)."""
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64. tr((S1 S2)^(1/2)) sums the square
+    roots of the eigenvalues of the symmetric PSD S1^(1/2) S2 S1^(1/2): exact also for singular S1 or S2, where
+    scipy.linalg.sqrtm(S1 S2) warns, needs an eps and may turn complex (elsewhere both agree, test_all.py)."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     d = mu1.shape[0]
@@ -83,8 +81,7 @@ def stats(features):
 
 
 def accumulate(batches, total=None):
-    """Mean and covariance (float64) of feature batches (B, D), without keeping the features. The running
-    sums stay on the batches' device (a GPU does the D x D update); total only sizes the progress bar."""
+    """Mean and covariance (float64) of feature batches (B, D), summed on their device; total sizes the bar."""
     n, s, ss = 0, 0.0, 0.0
     with tqdm(total=total, unit='img', desc='inception features') as bar:
         for f in batches:
@@ -112,14 +109,13 @@ def save_stats(path, mu, sigma):
 
 def open_npz(path):
     """np.load of an .npz without pickles; a truncated or non-.npz file is a FIDError."""
-    if not zipfile.is_zipfile(path):                          # a cut-short .npz has lost its zip directory
-        raise FIDError(f'{path} is not a complete .npz archive (BadZipFile: truncated or another format); '
-                       f'write it again (np.savez)')
     try:
-        return np.load(path, allow_pickle=False)
+        if zipfile.is_zipfile(path):                           # a cut-short .npz has lost its zip directory
+            return np.load(path, allow_pickle=False)
+        why = 'BadZipFile: truncated or another format'
     except (zipfile.BadZipFile, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
-        raise FIDError(f'{path} is not a readable .npz file ({type(e).__name__}: {str(e)[:80]}); '
-                       f'write it again (np.savez)')
+        why = f'{type(e).__name__}: {str(e)[:80]}'
+    raise FIDError(f'{path} is not a complete, readable .npz archive ({why}); write it again (np.savez)')
 
 
 def npz_array(f, key, path):
@@ -315,7 +311,6 @@ def load_inception(path, device='cpu'):
 
 
 # -------------------- Images
-
 def image_files(folder):
     """Sorted .png/.jpg files of a folder (not recursive), checked to exist and to share one size."""
     files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
@@ -376,8 +371,7 @@ def to_inception_input(images, device='cpu'):
 
 
 def image_batches(source, batch_size=50, num_workers=0):
-    """(count, iterable of uint8 NHWC batches) for an image folder (decoded lazily by a DataLoader with
-    num_workers processes), an ADM-style .npz or a uint8 array (sliced)."""
+    """(count, uint8 NHWC batches) of an image folder (read by a DataLoader), an ADM-style .npz or a uint8 array."""
     if isinstance(source, str) and os.path.isdir(source):
         files = image_files(source)
         return len(files), torch.utils.data.DataLoader(files, batch_size=batch_size, num_workers=num_workers,
@@ -405,8 +399,7 @@ def source_stats(source, model, batch_size=50, num_workers=0):
 
 
 def check_images_npz(path):
-    """Reads only the header of arr_0 in an image .npz: a missing arr_0, pickled objects or a dtype or shape
-    that is not uint8 NHWC are refused before any network is loaded."""
+    """Refuses an image .npz without uint8 NHWC arr_0 before any network is loaded (reads only its header)."""
     fmt = np.lib.format
     with open_npz(path) as f:
         if 'arr_0' not in f.files:
@@ -425,8 +418,7 @@ def check_images_npz(path):
 
 
 def needs_inception(*sources):
-    """Whether any source holds images rather than statistics; first checks that the paths exist and that
-    the .npz files can be read."""
+    """Whether any source holds images rather than statistics, after checking that paths and .npz files are fine."""
     for s in sources:
         if isinstance(s, str) and not os.path.exists(s):
             raise FIDError(f'{s} does not exist')
@@ -438,8 +430,7 @@ def needs_inception(*sources):
 
 
 def fid_of(samples, ref, inception_path=None, batch_size=50, device='cpu', num_workers=0):
-    """FID between two sources, each an image folder, an ADM-style .npz, a uint8 NHWC array or a stats .npz;
-    the weights file is only needed (and only loaded) when a source holds images."""
+    """FID of two image folders, ADM-style .npz, uint8 NHWC arrays or stats .npz (weights loaded for images only)."""
     samples, ref = (os.fspath(s) if isinstance(s, os.PathLike) else s for s in (samples, ref))
     model = load_inception(inception_path, device) if needs_inception(samples, ref) else None
     mu1, sigma1, _ = source_stats(samples, model, batch_size, num_workers)
@@ -447,10 +438,9 @@ def fid_of(samples, ref, inception_path=None, batch_size=50, device='cpu', num_w
     return frechet_distance(mu1, sigma1, mu2, sigma2)
 
 
-# -------------------- Command line (plain argparse: one `error: ...` line on stderr, exit code 2)
-
 def save_npz(path, **arrays):
     """np.savez to a temporary file, then renamed into place: readers never see half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     np.savez(path + '.tmp.npz', **arrays)
     os.replace(path + '.tmp.npz', path)
 
@@ -482,6 +472,8 @@ def latents_subset(folder, n, shape, builtin):
         raise FIDError(f'--fd-ref {folder}: its items have shape {tuple(real.shape[1:])}, the samples {tuple(shape)}')
     return real
 
+
+# -------------------- Command line (plain argparse: one `error: ...` line on stderr, exit code 2)
 
 def main(argv=None):
     p = argparse.ArgumentParser(description='FID between two image sets (folders, ADM-style .npz, or stats .npz).')
@@ -519,8 +511,8 @@ def main(argv=None):
             mu2, sigma2, n2 = source_stats(args.ref, model, args.batch_size, args.num_workers)
             value = frechet_distance(mu1, sigma1, mu2, sigma2)
             if n1 is not None or n2 is not None:
-                print('features of ' + ' against '.join(f'{n} images' if n is not None else 'stored statistics' for n
-                                                        in (n1, n2)) + ' (published FIDs use 50,000 samples)')
+                print(f'features of {" against ".join(f"{n} images" if n else "stored statistics" for n in (n1, n2))}'
+                      ' (published FIDs use 50,000 samples)')
             print(f'FID: {value:.4f}')
             for note in filter(None, (few_samples_warning(n, len(mu1), 'FID') for n in (n1, n2))):
                 print(note, file=sys.stderr)

@@ -16,7 +16,6 @@ Attention uses F.scaled_dot_product_attention. Forward-mode AD (torch.func.jvp) 
 for the fused kernels, so losses.py runs its JVPs with `explicit_attention=True` (softmax written out).
 """
 import math
-import pickle
 from collections.abc import Mapping
 
 import numpy as np
@@ -396,7 +395,9 @@ def load_vavae_decoder(path, device='cpu', decoder_kwargs=None):
     """
     try:
         obj = torch.load(path, map_location='cpu', weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+    except OSError as e:
+        raise ValueError(f'cannot read {path}: {e.strerror or e}') from None
+    except Exception as e:                                     # pickled objects, code, a damaged or other file
         raise ValueError(f'{path} is not a VA-VAE weights file of tensors: torch.load(weights_only=True) '
                          f'refused it ({load_refusal(e)})') from None
     if not isinstance(obj, Mapping):
@@ -408,7 +409,7 @@ def load_vavae_decoder(path, device='cpu', decoder_kwargs=None):
     if missing or unexpected or wrong:
         inner = [k for n in ('model', 'ema') if isinstance(obj.get(n), Mapping) for k in obj[n]]
         kind = describe_keys(str(k).removeprefix('module.') for k in [*obj, *sd, *inner])
-        raise ValueError(f'{path} does not fit the VA-VAE f16d32 decoder (it looks like {kind}): missing '
+        raise ValueError(f'{path} does not fit the VA-VAE f16d32 decoder ({kind}): missing '
                          f'{_short(missing)}; unexpected {_short(unexpected)}; wrong shapes {_short(wrong)}; '
                          f'file keys start with {_short(sd)}')
     model.load_state_dict({k: v.to(torch.float32) for k, v in kept.items()}, strict=True)

@@ -151,7 +151,7 @@ def flags(model, args):
     get = lambda k, d: getattr(args, k, d) if getattr(args, k, None) is not None else d
     return argparse.Namespace(cfg=get('cfg', 1.0), start=get('cfg_interval_start', 0.0), shift=get('shift', 0.0),
                               channels=get('cfg_channels', 0), guidance=get('guidance', 'cfg'), eta=get('eta', 0.05),
-                              det=get('mix_det', None), mix_t=get('mix_t', MIX_T.get(model.schedule, 0.25)))
+                              det=get('mix_det', None), mix_t=get('mix_t', MIX_T.get(getattr(model, 'schedule', None), 0.25)))
 
 
 def run_sampler(model, name, z, y, nfe, gen=None, args=None):
@@ -179,19 +179,24 @@ def describe(model, name, nfe, args=None):
     return f'euler: {nfe} Euler steps of F(x, t, t) on {f(torch.linspace(0, 1, nfe + 1).tolist(), " -> ")}'
 
 
+def count_calls(model):
+    """Counts forward calls of `model` (a forward hook): returns (counter dict, hook handle)."""
+    counter = {'calls': 0}
+    return counter, model.register_forward_hook(lambda m, i, o: counter.update(calls=counter['calls'] + 1))
+
+
 def generate(model, name, n, nfe, num_classes, seed=0, batch=250, device='cpu', args=None, rank=0, world=1,
              progress=True):
     """n samples with labels i % num_classes. Batch b uses noise seeded by (seed, b); rank r does batches
     r, r + world, ... Returns ({batch start: samples}, {batch start: labels}, network calls) of this rank."""
-    calls, out, labels = [0], {}, {}
-    handle = model.register_forward_hook(lambda m, i, o: calls.append(calls.pop() + 1))
+    (calls, handle), out, labels = count_calls(model), {}, {}
     for b0 in tqdm(range(0, n, batch)[rank::world], desc=f'{name} {nfe} NFE', disable=not progress or rank > 0, leave=False):
         gen = torch.Generator(device).manual_seed(seed * 1_000_003 + b0)
         y = torch.arange(b0, min(b0 + batch, n), device=device) % num_classes
         z = torch.randn((len(y), model.in_channels, model.input_size, model.input_size), generator=gen, device=device)
         out[b0], labels[b0] = run_sampler(model, name, z, y, nfe, gen, args).float().cpu(), y.cpu()
     handle.remove()
-    return out, labels, calls[0]
+    return out, labels, calls['calls']
 
 
 # ----------------------------------------------------------------------------- files
@@ -225,21 +230,19 @@ def save_grid(path, panels, per_row=10):
 
 def load_model(path, device='cpu', use='ema', preset='XL/1', stats_file=None):
     """Our checkpoint (a file, a run folder or its `latest` pointer) or a LightningDiT teacher file of
-    architecture `preset`. Returns (model, latent stats or None, path); model.schedule is the t schedule
-    the checkpoint was trained with (None for a teacher file). stats_file: a latents_stats.pt instead."""
+    architecture `preset` -> (model, latent stats or None, path). model.schedule: the t schedule it was
+    trained with (None for a teacher file). stats_file: a latents_stats.pt to use instead."""
     path = resolve_checkpoint(path)
     ckpt = read_checkpoint(path)
-    if isinstance(ckpt, dict) and 'model_config' in ckpt and 'ema' in ckpt:
-        model, stats = load_dit_state(DiT(**ckpt['model_config']), ckpt[use], path), ckpt.get('stats')
-        model.schedule = ckpt['args'].get('schedule', 'uniform-seg')
-    else:
-        model, stats = load_teacher(path, preset), None
-        model.schedule = None
+    ours = isinstance(ckpt, dict) and 'model_config' in ckpt and 'ema' in ckpt
+    model = load_dit_state(DiT(**ckpt['model_config']), ckpt[use], path) if ours else load_teacher(path, preset)
+    model.schedule, stats = (ckpt['args'].get('schedule', 'uniform-seg'), ckpt.get('stats')) if ours else (None, None)
     if stats_file:
         st = read_checkpoint(stats_file) if os.path.isfile(stats_file) else None
-        if not isinstance(st, dict) or not {'mean', 'std'} <= set(st) or st['mean'].numel() != model.in_channels:
-            raise ValueError(f'--latent-stats {stats_file}: not the latents_stats.pt (mean, std) of '
-                             f'{model.in_channels}-channel latents')
+        n = st['mean'].numel() if isinstance(st, dict) and {'mean', 'std'} <= set(st) else None
+        if n != model.in_channels:
+            raise ValueError(f'--latent-stats {stats_file}: ' + (f'statistics of {n} channels, the model has '
+                             f'{model.in_channels}' if n else 'not a latents_stats.pt (a dict with mean and std)'))
         stats = {k: st[k].float().reshape(1, -1, 1, 1) for k in ('mean', 'std')}
     return model.eval().requires_grad_(False).to(device), stats, path
 
@@ -315,7 +318,7 @@ def run(args):
     if world > 1:                                              # gather every rank's samples on rank 0
         parts = [None] * world
         dist.all_gather_object(parts, (xs, ys, calls))
-        xs, ys, calls = ({k: v for p in parts for k, v in p[i].items()} for i in (0, 1)), sum(p[2] for p in parts)
+        (xs, ys), calls = ({k: v for p in parts for k, v in p[i].items()} for i in (0, 1)), sum(p[2] for p in parts)
         dist.destroy_process_group()
         if rank != 0:
             return

@@ -171,16 +171,17 @@ def teacher_v(x, t, teacher, y, args, autocast, z=None, x_ref=None):
         return teacher_velocity(teacher, x, t, y, z, x_ref, args.w_cfg, args.eta, args.vnorm).to(x.dtype)
 
 
-def train_step(student, ema, teacher, opt, x_ref, y, it, args, world=1, autocast=contextlib.nullcontext()):
+def train_step(student, ema, teacher, opt, x_ref, y, it, args, world=1, autocast=contextlib.nullcontext(), draws=None):
     """One iteration of Algorithm 1 on a normalised batch. Returns (log, ok): log holds the losses (cm, fm,
-    n2n, fm2), the gradient norms of the two updates and the number of skipped updates, all tensors."""
+    n2n, fm2), the gradient norms of the two updates and the number of skipped updates, all tensors.
+    draws: the random draws of the iteration (draw()), made here if None."""
     K, B, names, log = args.accum, x_ref.shape[0], args.loss_set, {}
     if B % K:
         raise ValueError(f'--accum {K} does not divide the batch of {B} samples per rank')
     parts = [slice(k * B // K, (k + 1) * B // K) for k in range(K)]
     opts = dict(p=args.p, c=args.c)
     jvp_opts = dict(fused=args.fused, jvp_dtype=JVP_DTYPES[args.jvp_dtype], compiled=args.compile_jvp, **opts)
-    d = draw(x_ref, args)                                      # l.2-3: z ~ N(0, I), t (and l.18's r)
+    d = draw(x_ref, args) if draws is None else draws         # l.2-3: z ~ N(0, I), t (and l.18's r)
     z, t = d['z'], d['t']
     if teacher is None and args.class_drop > 0:                # teacher training: CFG label dropout
         y = torch.where(d['drop'], torch.full_like(y, student.num_classes), y)
@@ -561,13 +562,13 @@ def train(args):
     per_epoch = len(ds) // args.batch
     if rank == 0:
         M = lambda m: f'{sum(p.numel() for p in m.parameters()) / 1e6:.2f}M parameters'
-        print(f'decm: {"teacher (flow-matching) training" if teacher is None and args.loss_set == ["fm"] else "DE-CM"}: '
-              f'losses {args.losses} (N2N every {args.freq}); teacher {args.teacher}' + (f' ({M(teacher)})' if teacher else '') +
+        print(f'decm: {"teacher (flow-matching) training" if teacher is None and args.loss_set == ["fm"] else "DE-CM (Algorithm 1)"}: '
+              f'losses {args.losses} (N2N every {args.freq} iterations); teacher {args.teacher}' + (f' ({M(teacher)})' if teacher else '') +
               f'\ndecm: student {cfg["preset"]}, {M(student)}, {cfg["num_classes"]} classes; EMA {args.ema}' +
               ' with warm-up' * args.ema_warmup + f'\ndecm: data {data}: {len(ds)} items of shape {ds.shape}, {per_epoch} '
               f'iterations per epoch; batch {args.batch} = {world} rank(s) x {args.accum} micro-batch(es) x '
               f'{args.batch // world // args.accum}\ndecm: device {dev}, passes {"bf16 autocast" if use_amp else "fp32"}, '
-              f'JVPs {args.jvp_dtype}; iterations {step} -> {args.steps}; checkpoints every {args.ckpt_every} in {args.out}'
+              f'JVPs {args.jvp_dtype}; iterations {step} -> {args.steps}' + ' (resumed)' * bool(step) + f'; checkpoints every {args.ckpt_every} in {args.out}'
               f'\ndecm: evaluation ' + (evaluator.describe if evaluator else 'off (--eval-every N)') +
               '\ndecm: flags changed from the defaults: ' + (' '.join(changed_flags(args)) or 'none'))
     bar = tqdm(total=args.steps, initial=step, disable=rank != 0, desc='train', dynamic_ncols=True)
