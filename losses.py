@@ -46,16 +46,15 @@ import torch
 import torch.nn.functional as F
 from torch.func import jvp
 
+JVP_DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16}   # train.py --jvp-dtype
 
 def adaptive_l2(pred, target, p=0.5, c=1e-3):
     """Per-sample mean squared error, divided by sg(error + c)^p, averaged over the batch."""
     err = (pred - target).float().pow(2).flatten(1).mean(1)
     return (err / (err.detach() + c).pow(p)).mean()
 
-
 def bcast(t, x):
     return t.view(-1, *[1] * (x.dim() - 1))
-
 
 def jvp_of_model(model, x, t, s, y, tangents):
     """torch.func.jvp of F at (x, t, s) along tangents, with explicit softmax attention. The tangent is
@@ -65,12 +64,10 @@ def jvp_of_model(model, x, t, s, y, tangents):
     out, dout = jvp(lambda x_, t_, s_: model(x_, t_, s_, y, explicit_attention=True), (x, t, s), tangents)
     return out, dout.detach()
 
-
 @functools.cache
 def compiled_jvp_of_model():
     """torch.compile(jvp_of_model), made on first use (importing torch._dynamo takes seconds)."""
     return torch.compile(jvp_of_model)
-
 
 def model_jvp(model, x, t, s, y, tangents, fused=True, dtype=torch.float32, compiled=False):
     """(F(x, t, s, y), dF along tangents=(dx, dt, ds)), with explicit softmax attention (forward-mode
@@ -86,12 +83,10 @@ def model_jvp(model, x, t, s, y, tangents, fused=True, dtype=torch.float32, comp
             out, dout = fn(model, x, t, s, y, tangents)
     return model(x, t, s, y), dout.to(x.dtype)
 
-
 def cm_residual(F_cm, dF, v, t, w1=1.0):
     """Alg.1 l.9-10: g_cm and the CM target (all inputs detached)."""
     g = F_cm - v - bcast(1 - t, v) * dF                        # l.9: g_cm = sg(F) - v - (1 - t) dF/dt
     return g, F_cm - w1 * g                                    # l.10: v_tar = sg(F) - w1(t) g_cm
-
 
 def cm_loss(model, x_t, t, y, v, w1=1.0, p=0.5, c=1e-3, fused=True, jvp_dtype=torch.float32, compiled=False):
     """L_cm of Eq. 10 at s = 1."""
@@ -101,12 +96,10 @@ def cm_loss(model, x_t, t, y, v, w1=1.0, p=0.5, c=1e-3, fused=True, jvp_dtype=to
     _, target = cm_residual(F_cm.detach(), dF, v, t, w1)
     return adaptive_l2(F_cm, target, p, c)                     # l.11: d1(F_cm, v_tar)
 
-
 def n2n_residual(F_n2n, dF, v_r, v_psi, r, t, lam=1.0, gam=1.0, w2=1.0):
     """Alg.1 l.23-24 (self-consistent reading, see the docstring): g_n2n and the N2N target."""
     g = (lam + gam) * F_n2n - lam * v_r - gam * v_psi - bcast(t - r, v_r) * dF
     return g, F_n2n - w2 * g
-
 
 def n2n_loss(model, x_r, r, t, y, v_r, v_psi, lam=1.0, gam=1.0, w2=1.0, p=0.5, c=1e-3, fused=True,
              jvp_dtype=torch.float32, compiled=False):
@@ -119,7 +112,6 @@ def n2n_loss(model, x_r, r, t, y, v_r, v_psi, lam=1.0, gam=1.0, w2=1.0, p=0.5, c
         v_psi = v_psi(x_r + bcast(t - r, x_r) * F_n2n.detach())
     _, target = n2n_residual(F_n2n.detach(), dF, v_r, v_psi, r, t, lam, gam, w2)
     return adaptive_l2(F_n2n, target, p, c)                    # l.25
-
 
 def fm_loss(model, x_t, t, y, v, p=0.5, c=1e-3):
     """L_fm of Eq. 17 at s = t: adaptive L2 plus the cosine loss (1 - cos) per sample."""

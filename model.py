@@ -16,12 +16,15 @@ Attention uses F.scaled_dot_product_attention. Forward-mode AD (torch.func.jvp) 
 for the fused kernels, so losses.py runs its JVPs with `explicit_attention=True` (softmax written out).
 """
 import math
+import os
 from collections.abc import Mapping
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 # depth, hidden size, heads, patch size. 'tiny' is the CPU model for the built-in 16x16 dataset
 # (0.35M parameters); the others are LightningDiT's presets (XL/1 is the paper's teacher).
@@ -35,10 +38,8 @@ PRESETS = {
     'XL/2': dict(depth=28, hidden=1152, heads=16, patch=2),
 }
 
-
 def modulate(x, shift, scale):
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
-
 
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps=1e-6):
@@ -51,7 +52,6 @@ class RMSNorm(nn.Module):
         xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return xf.type_as(x) * self.weight
-
 
 class TimestepEmbedder(nn.Module):
     """Sinusoidal features of a time in [0, 1] followed by a 2-layer MLP (DiT's embedder)."""
@@ -67,7 +67,6 @@ class TimestepEmbedder(nn.Module):
         args = t[:, None] * freqs[None]
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         return self.mlp(emb.to(self.mlp[0].weight.dtype))
-
 
 class RoPE2D(nn.Module):
     """2D rotary embedding on an h x w token grid: the first half of each head's channels rotates with
@@ -88,7 +87,6 @@ class RoPE2D(nn.Module):
         rotated = torch.stack([-x2, x1], dim=-1).flatten(-2)
         return x * self.freqs_cos + rotated * self.freqs_sin
 
-
 class Attention(nn.Module):
     def __init__(self, hidden, heads):
         super().__init__()
@@ -106,7 +104,6 @@ class Attention(nn.Module):
             x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
-
 class SwiGLU(nn.Module):
     def __init__(self, hidden, mlp_hidden):
         super().__init__()
@@ -116,7 +113,6 @@ class SwiGLU(nn.Module):
     def forward(self, x):
         x1, x2 = self.w12(x).chunk(2, dim=-1)
         return self.w3(F.silu(x1) * x2)
-
 
 class Block(nn.Module):
     """adaLN-Zero transformer block: x += gate * op(modulate(norm(x), shift, scale))."""
@@ -134,7 +130,6 @@ class Block(nn.Module):
         x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1), rope, explicit)
         return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
-
 class FinalLayer(nn.Module):
     def __init__(self, hidden, patch, out_channels):
         super().__init__()
@@ -146,7 +141,6 @@ class FinalLayer(nn.Module):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
-
 class PatchEmbed(nn.Module):
     def __init__(self, patch, in_channels, hidden):
         super().__init__()
@@ -154,7 +148,6 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x):
         return self.proj(x).flatten(2).transpose(1, 2)
-
 
 def sincos_2d(dim, grid):
     """Fixed 2D sin-cos position table (MAE/DiT): half the channels encode the row, half the column."""
@@ -164,7 +157,6 @@ def sincos_2d(dim, grid):
         return np.concatenate([np.sin(out), np.cos(out)], axis=1)
     w, h = np.meshgrid(np.arange(grid, dtype=np.float32), np.arange(grid, dtype=np.float32))
     return np.concatenate([one_axis(dim // 2, w), one_axis(dim // 2, h)], axis=1)
-
 
 class DiT(nn.Module):
     """F(x, t, s, y). `s=None` (or a model built with s_embed=False) gives the teacher F(x, t, y)."""
@@ -226,12 +218,10 @@ class DiT(nn.Module):
         p, h, w = self.patch, H // self.patch, W // self.patch
         return x.reshape(B, h, w, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, H, W)
 
-
 def zero_s_branch(model):
     """The s branch's output layer starts at zero, so F(x, t, s) = F_teacher(x, t) for every s."""
     nn.init.zeros_(model.s_embedder.mlp[2].weight)
     nn.init.zeros_(model.s_embedder.mlp[2].bias)
-
 
 def student_from_teacher(teacher):
     """Alg.1 l.1: F_theta <- copyWeights(F_tea), plus a zero-initialised s branch."""
@@ -241,7 +231,6 @@ def student_from_teacher(teacher):
     missing, unexpected = student.load_state_dict(sd, strict=False)
     assert not unexpected and all(k.startswith('s_embedder.') for k in missing), (missing, unexpected)
     return student
-
 
 def describe_keys(keys):
     """Guess which kind of file a set of state-dict keys came from (for error messages)."""
@@ -254,7 +243,6 @@ def describe_keys(keys):
         return 'a LightningDiT-style state dict'
     return 'not a file this project knows'
 
-
 def key_problems(own, sd):
     """Keys of the state dict own missing from sd, keys of sd not in own, and 'key (shape in sd) vs (own)'
     for values of sd that are not tensors of own's shapes."""
@@ -263,7 +251,6 @@ def key_problems(own, sd):
     wrong = [f'{k} {tuple(getattr(sd[k], "shape", ()))} vs {tuple(own[k].shape)}' for k in own
              if k in sd and (not torch.is_tensor(sd[k]) or sd[k].shape != own[k].shape)]
     return missing, unexpected, wrong
-
 
 def load_dit_state(model, sd, path):
     """load_state_dict(strict=True) with a one-line error that names the offending keys."""
@@ -274,24 +261,16 @@ def load_dit_state(model, sd, path):
     model.load_state_dict(sd, strict=True)
     return model
 
-
 def count_params(model):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-
-# ---------------------------------------------------------------------------------------------------
-# VA-VAE f16d32 decoder (LightningDiT's tokenizer): latents -> images. The LDM KL-autoencoder decoder with
-# tokenizer/configs/vavae_f16d32.yaml's ddconfig: ch 128, ch_mult (1, 1, 2, 2, 4), 2 + 1 ResBlocks per level,
-# attention at 16x16 only, z_channels = embed_dim = 32, GroupNorm(32, eps 1e-6), swish, dropout 0, no tanh;
-# decode(z) = decoder(post_quant_conv(z)). The release file vavae-imagenet256-f16d32-dinov2.pt is
-# {'state_dict': sd, ...} (upstream's tokenizer/autoencoder.py also accepts a bare sd). sd holds the whole
-# training-time autoencoder (encoder.*, quant_conv.*, loss.*, foundation_model.*, linear_proj.*); only
-# decoder.* and post_quant_conv.* are used, under the file's own names.
-# ---------------------------------------------------------------------------------------------------
-
+# ----------------------------------------------------------------------------- the VA-VAE f16d32 decoder: latents -> images
+# LDM's KL-autoencoder decoder with LightningDiT's tokenizer/configs/vavae_f16d32.yaml: ch 128, ch_mult (1, 1, 2, 2, 4),
+# 2 + 1 ResBlocks per level, attention at 16x16, z_channels = embed_dim = 32, GroupNorm(32, eps 1e-6), swish, no tanh;
+# decode(z) = decoder(post_quant_conv(z)). Of the release file's {'state_dict': sd} (the whole training-time
+# autoencoder) only decoder.* and post_quant_conv.* are used, under the file's own names.
 def _vae_norm(channels):
     return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
-
 
 class VAEResBlock(nn.Module):
     """(GroupNorm, swish, conv3x3) x 2 plus the input, through a 1x1 conv (nin_shortcut) when widths differ."""
@@ -305,7 +284,6 @@ class VAEResBlock(nn.Module):
     def forward(self, x):
         h = self.conv2(F.silu(self.norm2(self.conv1(F.silu(self.norm1(x))))))
         return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
-
 
 class VAEAttnBlock(nn.Module):
     """Single-head self-attention over the H*W positions; q, k, v and proj_out are 1x1 convs."""
@@ -321,7 +299,6 @@ class VAEAttnBlock(nn.Module):
         q, k, v = [m(y).flatten(2).transpose(1, 2).unsqueeze(1) for m in (self.q, self.k, self.v)]  # (N, 1, HW, C)
         att = F.scaled_dot_product_attention(q, k, v).squeeze(1).transpose(1, 2).reshape(n, c, h, w)
         return x + self.proj_out(att)
-
 
 class VAVAEDecoder(nn.Module):
     """VA-VAE f16d32 decoder: de-normalised latents (N, 32, 16, 16) -> images (N, 3, 256, 256) in ~[-1, 1].
@@ -373,26 +350,19 @@ class VAVAEDecoder(nn.Module):
                 h = level.upsample.conv(F.interpolate(h, scale_factor=2.0, mode='nearest'))
         return d.conv_out(F.silu(d.norm_out(h)))
 
-
 def load_refusal(e):
     """Why torch.load(weights_only=True) failed, in one short line, without torch's advice to load unsafely."""
     lines = [l.strip() for l in str(e).split('WeightsUnpickler error:')[-1].splitlines() if l.strip()]
     return (lines[0].split('. ')[0] if lines else type(e).__name__)[:200]
 
-
 def _short(names, n=4):
     names = [str(k) for k in names]
     return ', '.join(names[:n]) + (f' (+{len(names) - n} more)' if len(names) > n else '') if names else 'none'
 
-
 def load_vavae_decoder(path, device='cpu', decoder_kwargs=None):
-    """VAVAEDecoder in eval mode with decoder.* and post_quant_conv.* of the VA-VAE release file at path.
-
-    The file is {'state_dict': sd, ...} (the release format) or sd itself; the other keys of sd are
-    ignored and the kept ones must fit exactly. It is read with weights_only=True only: a file of pickled
-    Python objects is refused and none of its code runs. Every problem is a one-line ValueError.
-    decoder_kwargs: VAVAEDecoder arguments (tests only; None for the release file).
-    """
+    """VAVAEDecoder (eval) with decoder.* and post_quant_conv.* of the release file ({'state_dict': sd} or sd; the
+    kept keys must fit exactly), read with weights_only=True only; every problem is a one-line ValueError.
+    decoder_kwargs: VAVAEDecoder arguments (tests only)."""
     try:
         obj = torch.load(path, map_location='cpu', weights_only=True)
     except OSError as e:
@@ -415,14 +385,66 @@ def load_vavae_decoder(path, device='cpu', decoder_kwargs=None):
     model.load_state_dict({k: v.to(torch.float32) for k, v in kept.items()}, strict=True)
     return model.to(device).eval().requires_grad_(False)
 
-
 @torch.no_grad()
-def decode_to_uint8(decoder, z):
-    """Decode de-normalised latents z (N, 32, 16, 16) to uint8 images, NHWC, on the decoder's device.
-
-    ADM / upstream convention: clamp(127.5 * x + 128, 0, 255) then truncate to uint8.
-    """
+def decode_to_uint8(decoder, z, chunk=16):
+    """De-normalised latents z (N, 32, 16, 16) -> uint8 NHWC images (to_uint8) on the CPU, decoded chunk by chunk."""
     p = next(decoder.parameters())
-    x = decoder(z.to(device=p.device, dtype=p.dtype)).float()
-    x = torch.clamp(127.5 * x + 128.0, 0, 255)
-    return x.permute(0, 2, 3, 1).to(torch.uint8).contiguous()
+    return torch.cat([to_uint8(decoder(z[i:i + chunk].to(p.device, p.dtype)).float()).cpu() for i in
+                      tqdm(range(0, len(z), chunk), desc='decoding', leave=False, disable=len(z) <= 4 * chunk)])
+
+# ----------------------------------------------------------------------------- pictures of samples and of runs
+def to_uint8(x):
+    """Images in [-1, 1] (N, C, H, W) -> uint8 NHWC, ADM's convention clamp(127.5 x + 128)."""
+    return (127.5 * x + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+def save_grid(path, panels, per_row=10):
+    """The one image-grid writer: side-by-side panels [(title, uint8 NHWC images, labels)], each one row per
+    class (the first 10 classes) of per_row images, small images enlarged. Atomic."""
+    ims, pad, top = [], 8, 16 if any(p[0] for p in panels) else 0
+    for title, images, labels in panels:
+        images, labels = np.asarray(images), np.asarray(labels)
+        blank = [np.zeros(images.shape[1:], np.uint8)] * per_row
+        g = np.concatenate([np.concatenate((list(images[labels == c][:per_row]) + blank)[:per_row], 1)
+                            for c in sorted(set(labels.tolist()))[:10]], 0)
+        im = Image.fromarray(g[..., 0] if g.shape[-1] == 1 else g).convert('RGB')
+        scale = max(1, min(8, 320 // im.width))
+        ims.append(im.resize((im.width * scale, im.height * scale), Image.NEAREST))
+    canvas = Image.new('RGB', (sum(i.width + pad for i in ims) + pad, max(i.height for i in ims) + top + 2 * pad), 'white')
+    x0 = pad
+    for (title, _, _), im in zip(panels, ims):
+        ImageDraw.Draw(canvas).text((x0, 3), title, fill='black')
+        canvas.paste(im, (x0, top + pad))
+        x0 += im.width + pad
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    canvas.save(path + '.tmp.png')
+    os.replace(path + '.tmp.png', path)
+
+def plot(path, panels, xlabel='iteration', ylabel=None, logy=True, ylim=None):
+    """The one plotting function (training curves and the experiments' figures): side-by-side panels
+    [(title, {label: (xs, ys)})], markers for short series, log y axes by default. Atomic."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (title, series) in zip(axes[0], panels):
+        for label, (xs, ys) in series.items():
+            ax.plot(xs, ys, marker='o' if len(xs) <= 20 else None, ms=4, label=f'{label} {ys[-1]:.3g}' if ys else label)
+        ax.set(title=title, xlabel=xlabel, ylabel=ylabel, yscale='log' if logy and series else 'linear', ylim=ylim)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8) if series else ax.text(0.5, 0.5, 'nothing yet', ha='center', transform=ax.transAxes)
+    fig.tight_layout()
+    fig.savefig(path + '.tmp.png', dpi=80)
+    os.replace(path + '.tmp.png', path)
+    plt.close(fig)
+
+def plot_curves(out, records):
+    """OUT/curves.png: losses and gradient norms (moving averages of 5% of the points), and the quality."""
+    def series(keys, w=1):
+        pts = {k: [(r['step'], r[k]) for r in records if isinstance(r.get(k), (int, float)) and r[k] > 0] for k in keys}
+        w = {k: max(1, len(p) // 20) if w > 1 else 1 for k, p in pts.items()}
+        return {k: ([x for x, _ in p], [np.mean([y for _, y in p[max(0, i - w[k] + 1):i + 1]]) for i in range(len(p))])
+                for k, p in pts.items() if p}
+    plot(os.path.join(out, 'curves.png'), [('losses', series(['cm', 'fm', 'n2n', 'fm2'], 2)),
+                                           ('gradient norm before clipping', series(['grad_norm', 'grad_norm2'], 2)),
+                                           ('quality (EMA; nfeK: K calls)', series(sorted({k for r in records for k in r
+                                                                                           if k[:3] in ('fd_', 'fid')})))])

@@ -28,7 +28,6 @@ import torch
 
 from model import DiT, PRESETS, load_dit_state, describe_keys
 
-
 def resolve_checkpoint(path):
     """A checkpoint file, a run folder (its `latest` pointer) or the `latest` pointer file itself."""
     if os.path.isdir(path) or os.path.basename(path) == 'latest':
@@ -40,7 +39,6 @@ def resolve_checkpoint(path):
     if not os.path.exists(path):
         raise ValueError(f'checkpoint {path} does not exist')
     return path
-
 
 def read_checkpoint(path):
     """torch.load with weights_only=True: a checkpoint is data, never code."""
@@ -56,7 +54,6 @@ def read_checkpoint(path):
                f'not a complete torch file ({type(e).__name__}: {msg.strip()[:100]})')
         raise ValueError(f'cannot read checkpoint {path} safely (weights_only=True): {why}')
 
-
 def lightningdit_config(sd, preset):
     """DiT config of a LightningDiT state dict: the preset names depth, width, heads and patch (a file
     does not say them); channels, classes and latent size come from the shapes of its weights."""
@@ -69,18 +66,17 @@ def lightningdit_config(sd, preset):
     return dict(preset=preset, in_channels=in_channels, input_size=input_size, num_classes=num_classes,
                 s_embed=any(k.startswith('s_embedder.') for k in sd))
 
-
-def load_teacher(path, preset='XL/1', in_channels=None, input_size=None, num_classes=None, device='cpu'):
-    """Build the teacher F_tea(x, t, y) from a checkpoint and freeze it. `preset` (and, to override what
-    the weights' shapes say, the data arguments) are used only for LightningDiT files; our own
-    checkpoints carry their config."""
+def load_teacher(path, preset='XL/1', in_channels=None, input_size=None, num_classes=None, device='cpu', use='ema'):
+    """A frozen network from a checkpoint: the teacher F_tea(x, t, y), or any of ours (`use`: its 'ema' or
+    'model' weights). `preset` (and, to override what the weights' shapes say, the data arguments) serve only
+    LightningDiT files; ours carry their config, latent statistics (.stats) and t schedule (.schedule)."""
     path = resolve_checkpoint(path)
     ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict):
         raise ValueError(f'{path} is not a state dict or a checkpoint dict')
     if 'args' in ckpt and 'model_config' in ckpt:              # ours
-        cfg = dict(ckpt['model_config'])
-        sd = ckpt['ema']
+        model = load_dit_state(DiT(**ckpt['model_config']), ckpt[use], path)
+        model.stats, model.schedule = ckpt.get('stats'), ckpt['args'].get('schedule', 'uniform-seg')
     else:                                                      # LightningDiT: 'ema' or a bare state dict
         sd = ckpt.get('ema', ckpt)
         sd = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in sd.items()}
@@ -90,11 +86,11 @@ def load_teacher(path, preset='XL/1', in_channels=None, input_size=None, num_cla
         given = dict(in_channels=in_channels, input_size=input_size, num_classes=num_classes)
         cfg.update({k: v for k, v in given.items() if v is not None})
         try:
-            return load_dit_state(DiT(**cfg), sd, path).eval().requires_grad_(False).to(device)
+            model = load_dit_state(DiT(**cfg), sd, path)
         except ValueError as e:
             raise ValueError(f'{e}; is --preset {preset} the architecture of this LightningDiT file?')
-    return load_dit_state(DiT(**cfg), sd, path).eval().requires_grad_(False).to(device)
-
+        model.stats = model.schedule = None
+    return model.eval().requires_grad_(False).to(device)
 
 def teacher_velocity(teacher, x, t, y, z=None, x_ref=None, w_cfg=1.0, eta=1.0, vnorm=True, channels=0):
     """Alg.1 l.5-6 (l.20-21 with r in place of t). teacher=None: the from-scratch v = x_ref - z.
@@ -114,3 +110,8 @@ def teacher_velocity(teacher, x, t, y, z=None, x_ref=None, w_cfg=1.0, eta=1.0, v
     if channels > 0:
         d[:, channels:] = 0
     return v_c + (w_cfg - 1) * d                               # Eq. 18 when vnorm is off
+
+def teacher_v(x, t, teacher, y, args, autocast, z=None, x_ref=None):
+    """teacher_velocity with train.py's flags (--w-cfg, --eta, --no-vnorm), under no_grad and autocast."""
+    with torch.no_grad(), autocast:
+        return teacher_velocity(teacher, x, t, y, z, x_ref, args.w_cfg, args.eta, args.vnorm).to(x.dtype)
