@@ -1,0 +1,145 @@
+"""The miniature pipeline of the paper on the built-in digits, over seeds.
+
+    python experiments/pipeline.py [--decm-steps 800] [--seeds 0 1 2] [--jobs 3] [--publish]
+
+Builds the data, trains a flow-matching teacher (train.py --losses fm --teacher none), distils DE-CM from it
+with each seed, then scores the teacher baselines (the distilled velocity, APG, at 1 and 50 steps; plain CFG
+at 50 steps for each --cfg-sweep weight) and DE-CM's samplers (CM at 1, 2, 4 NFE; Mix at 4) by pixel FD.
+Writes RUNS/pipeline.md (FD table, mean +- sd over seeds, ratios to each baseline and the paired noise
+test), RUNS/pipeline.json and RUNS/pipeline.png (sample grids of the first seed); --publish copies them into
+--results (experiments/results). Seed s trains DE-CM with seed s and samples every row with noise seed s
+against real subset s. Runs resume (--resume auto).
+"""
+import json
+import os
+import shutil
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the core, by name
+import common  # noqa: E402
+import sample  # noqa: E402
+import torch  # noqa: E402
+from common import fd_of, mean_sd, pm, write_atomic  # noqa: E402
+from fid import pixel_fd  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+
+def pipeline(a):
+    common.at_least(a, ('n', 'jobs', 'teacher_steps', 'batch', 'decm_batch', 'decm_steps'))
+    t0 = time.time()
+    dev = common.resolve_device(a.device)
+    os.makedirs(a.runs, exist_ok=True)
+    teacher_dir, teacher_ckpt = common.train_teacher(a)
+    t1 = time.time()
+    decm_dirs = {s: os.path.join(a.runs, f'decm-s{s}') for s in a.seeds}
+    jobs = [common.decm_argv(a, teacher_ckpt, decm_dirs[s], s, a.decm_steps) for s in a.seeds]
+    jobs = [argv for argv in jobs if not common.check_run(argv[argv.index('--out') + 1], argv, a.decm_steps)]
+    common.train_all(jobs, a.jobs, os.path.join(a.runs, 'logs', 'pipeline'), 'DE-CM run')
+    t2 = time.time()
+
+    cache_path = os.path.join(a.runs, 'fd.json')
+    cache = common.load_json(cache_path)
+    panels = []
+    fds = {}                                                   # (row, nfe) -> [fd per seed]
+    for k, v in common.teacher_fds(a, teacher_dir, a.seeds, dev, cache, cache_path, panels).items():
+        fds.setdefault(k[:2], []).append(v)
+    decm_rows = [('DE-CM, CM sampler', 'cm', 1), ('DE-CM, CM sampler', 'cm', 2), ('DE-CM, CM sampler', 'cm', 4),
+                 ('DE-CM, Mix sampler', 'mix', 4)]
+    for seed in tqdm(a.seeds, desc='pipeline: DE-CM samplers', dynamic_ncols=True):
+        real2, real_y = common.real_pixels(2 * a.n, a.data, seed=100 + seed)
+        real = real2[:a.n]
+        fds.setdefault(('two sets of real data', '-'), []).append(
+            common.fd_cached(cache, f'real|{seed}|{a.n}', lambda: pixel_fd(real2[a.n:].numpy(), real.numpy())))
+        decm, stats_d, _ = sample.load_model(decm_dirs[seed], dev)
+        for name, smp, nfe in decm_rows:
+            key = f'{decm_dirs[seed]}|{smp}|{nfe}|{seed}|{a.n}' + (f'|t{a.mix_t:g}' if smp == 'mix' else '')
+            grid = seed == a.seeds[0] and (smp, nfe) in [('cm', 1), ('cm', 2), ('mix', 4)]
+            if key not in cache or grid:
+                fd, x, y = fd_of(decm, stats_d, smp, nfe, real, a.n, common.mix_args(a.mix_t), seed, dev)
+                cache[key] = float(fd)
+                if grid:
+                    panels.append(common.panel(f'DE-CM {smp} {nfe} NFE', x, y))
+                write_atomic(cache_path, json.dumps(cache, indent=1))
+            fds.setdefault((name, nfe), []).append(cache[key])
+        if seed == a.seeds[0]:
+            panels.insert(0, common.panel('real data', real, real_y[:a.n]))
+    t3 = time.time()
+
+    apg50 = fds[common.APG_KEY, 50]
+    cfg_rows = [(w, fds[f'teacher, plain CFG w = {w:g}', 50]) for w in a.cfg_sweep]
+    best_w, best_cfg = min(cfg_rows, key=lambda r: mean_sd(r[1])[0])
+    base = [('the distilled-velocity teacher at 50 steps', apg50), (f'the best plain-CFG teacher at 50 steps '
+            f'(w = {best_w:g})', best_cfg)]
+    strongest_name, strongest = min(base, key=lambda b: mean_sd(b[1])[0])
+    lines = [f'# The miniature pipeline: {len(a.seeds)} seed(s) {a.seeds}, {a.n} samples per FD', '',
+             '| model / sampler | NFE | pixel FD (mean +- sd over seeds) | per seed |', '|---|---|---|---|']
+    for (name, nfe), vals in fds.items():
+        lines.append(f'| {name} | {nfe} | {pm(vals)} | {", ".join(f"{v:.2f}" for v in vals)} |')
+    lines += ['', f'Ratios of DE-CM to each baseline (mean of the per-seed ratios +- sd; the strongest '
+              f'baseline is {strongest_name}, {pm(strongest)}):', '',
+              '| DE-CM sampler | NFE | / distilled-velocity teacher, 50 steps | / best plain CFG, 50 steps | '
+              'differs from the strongest beyond noise? |', '|---|---|---|---|---|']
+    ratios = {}
+    for name, smp, nfe in decm_rows:
+        vals = fds[name, nfe]
+        ratios[smp, nfe] = [v / b for v, b in zip(vals, strongest)]
+        verdict = common.ordering(vals, strongest)
+        lines.append(f'| {name} | {nfe} | {pm([v / b for v, b in zip(vals, apg50)], 3)} | '
+                     f'{pm([v / b for v, b in zip(vals, best_cfg)], 3)} | '
+                     f'{"no" if verdict == "within noise" else "yes: " + verdict} |')
+    r1 = mean_sd(ratios['cm', 1])[0]
+    lines += ['', f'Headline: DE-CM at 1 NFE is {r1:.3f}x the FD of the strongest teacher baseline '
+              f'({strongest_name}). "Beyond noise": the mean of the per-seed differences (paired by seed) is more '
+              f'than twice its standard error over the {len(a.seeds)} seeds; the floor (two sets of real data) is '
+              f'{pm(fds["two sets of real data", "-"])}.',
+              f'Settings: teacher {a.teacher_steps} flow-matching iterations (batch {a.batch}, lr {a.teacher_lr:g}, '
+              f'seed {a.teacher_seed}); DE-CM {a.decm_steps} iterations per seed (batch {a.decm_batch}, lr '
+              f'{a.decm_lr:g}, w_cfg {a.w_cfg:g}, eta {a.eta:g}{", EMA warm-up" if a.ema_warmup else ""}, '
+              f'r_max {a.decm_r_max:g}, t schedule {a.decm_schedule}{", " + " ".join(a.extra) if a.extra else ""}); '
+              f'the Mix sampler switches at t = {a.mix_t:g} after 2 flow-map steps; '
+              f'seed s trains DE-CM with seed s and samples every row with noise seed s against real subset s.',
+              f'Time: teacher {t1 - t0:.0f} s, DE-CM {t2 - t1:.0f} s ({a.jobs} at a time), sampling and FD '
+              f'{t3 - t2:.0f} s; total {t3 - t0:.0f} s on {dev} ({torch.get_num_threads()} threads).',
+              f'Command: {a.command}']
+    write_atomic(os.path.join(a.runs, 'pipeline.md'), '\n'.join(lines) + '\n')
+    write_atomic(os.path.join(a.runs, 'pipeline.json'), json.dumps(
+        {'fd': [{'row': n, 'nfe': k, 'fd': v} for (n, k), v in fds.items()], 'seeds': a.seeds, 'n': a.n,
+         'strongest': strongest_name, 'ratio_cm1': r1}, indent=1) + '\n')
+    common.save_grid(os.path.join(a.runs, 'pipeline.png'), panels)
+    if a.publish:
+        os.makedirs(a.results, exist_ok=True)
+        for f in ('pipeline.md', 'pipeline.json', 'pipeline.png'):
+            shutil.copyfile(os.path.join(a.runs, f), os.path.join(a.results, f))
+    print('\n'.join(lines))
+
+
+def build_parser():
+    p = common.parser(__doc__)
+    common.add_run_flags(p, 'runs/pipe')
+    p.add_argument('--decm-steps', type=int, default=400, help='DE-CM iterations (400: an estimated 9 minutes of '
+                   'DE-CM on 2 CPU cores; 800 meets the three targets, study part I)')
+    p.add_argument('--no-ema-warmup', dest='ema_warmup', action='store_false', help='constant EMA decay for the '
+                   'DE-CM runs (default: the EMA warm-up, which the study found better at 1 and 2 NFE)')
+    p.add_argument('--decm-r-max', type=common.bounded(float, 0, 1), default=0.2, help='train.py --r-max of the '
+                   'DE-CM runs: N2N starts from r ~ U(0, r_max) (the study: 0.2 beats 0.05 at 1 and 2 NFE over 3 '
+                   'seeds from 200 to 2,000 iterations; 0.5 and 1 are no better)')
+    p.add_argument('--decm-schedule', default='logit-normal', choices=['uniform-seg', 'logit-normal', 'arctan'],
+                   help='train.py --schedule of the DE-CM runs (study part H: logit-normal beats the paper\'s '
+                   'uniform-with-N-seg, train.py\'s default, beyond noise at 1 NFE, 2 NFE and Mix 4 over 3 seeds at '
+                   '200, 400 and 800 iterations; the runs of parts F-H to 3,200 iterations used uniform-seg)')
+    p.add_argument('--mix-t', type=common.bounded(float, 0, 1, lo_open=True, hi_open=True), default=0.0625,
+                   help='sample.py --mix-t of the Mix row: the switch from flow-map steps to CM steps (study part I: '
+                   'on the logit-normal runs 0.0625 beats 0.25, tuned on uniform-seg runs)')
+    p.add_argument('--publish', action='store_true', help='also copy pipeline.md/.json/.png into --results '
+                   '(by default they stay in --runs)')
+    p.add_argument('extra', nargs='*', help='more train.py flags for the DE-CM runs (after --)')
+    return p
+
+
+def main(argv=None):
+    return common.run_main(build_parser(), pipeline, argv, 'pipeline.py')
+
+
+if __name__ == '__main__':
+    main()
