@@ -1,23 +1,18 @@
-"""Frechet Inception Distance (FID) and a pixel-space Frechet distance.
+"""FID, the Frechet Inception Distance (Heusel et al., 2017), and the same distance on raw pixels (pixel_fd).
 
-FID (Heusel et al., 2017) fits a Gaussian to the 2048-d pool3 features of InceptionV3 for each of two image
-sets and reports the Frechet distance between them: FID = |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)).
-The network is the "FID Inception": the 2015-12-05 TensorFlow InceptionV3 graph of the original FID code,
-its weights ported to PyTorch in pt_inception-2015-12-05-6726825d.pth (published by pytorch-fid). It is
-never downloaded: pass its path with --inception. Its differences from torchvision's are marked "FID quirk".
-SAMPLES and REF may each be a folder of .png / .jpg images of one size, an ADM-style .npz of images (arr_0,
-uint8 (N, H, W, C), C = 1 or 3), or a statistics .npz with keys mu and sigma (as ADM's reference batches,
-e.g. VIRTUAL_imagenet256_labeled.npz; a file with both images and mu/sigma counts as statistics).
+FID fits a Gaussian to the 2048-d InceptionV3 pool3 features of each of two image sets and reports their Frechet
+distance |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)). The network is the "FID Inception" of the original FID code
+with pytorch-fid's port of its weights, pt_inception-2015-12-05-6726825d.pth (never downloaded: pass --inception);
+"FID quirk" marks where it differs from torchvision's. SAMPLES and REF are each a folder of .png/.jpg images of one
+size, an ADM-style .npz of images (arr_0: uint8 NHWC, C = 1 or 3) or of statistics (keys mu and sigma).
 
     python fid.py samples.npz VIRTUAL_imagenet256_labeled.npz --inception pt_inception-2015-12-05-6726825d.pth
     python fid.py data_dir --inception w.pth --save-stats data_stats.npz     # precompute REF statistics
-
-pixel_fd() gives the same distance on raw pixels (no weights) for the small built-in 16x16 dataset.
-This file imports nothing from the project.
 """
 import argparse
+import contextlib
+import math
 import os
-import pickle
 import sys
 import zipfile
 import zlib
@@ -31,12 +26,9 @@ from tqdm import tqdm
 
 WEIGHTS_NAME = 'pt_inception-2015-12-05-6726825d.pth'
 WEIGHTS_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/' + WEIGHTS_NAME
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
-
 
 class FIDError(ValueError):
     """A problem with the user's inputs; the command line prints it as one line and exits with code 2."""
-
 
 # -------------------- Gaussian statistics and the Frechet distance
 def sqrt_psd(sigma, name):
@@ -46,31 +38,25 @@ def sqrt_psd(sigma, name):
         raise FIDError(f'{name} is not a covariance matrix (eigenvalue {w.min():.3g})')
     return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
 
-
 def frechet_distance(mu1, sigma1, mu2, sigma2):
-    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64. tr((S1 S2)^(1/2)) sums the square
-    roots of the eigenvalues of the symmetric PSD S1^(1/2) S2 S1^(1/2): exact also for singular S1 or S2, where
-    scipy.linalg.sqrtm(S1 S2) warns, needs an eps and may turn complex (elsewhere both agree, test_all.py)."""
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) in float64, exact also for singular sigmas."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     d = mu1.shape[0]
-    if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
-        raise FIDError(f'statistics do not match: mu {mu1.shape} and {mu2.shape}, '
-                       f'sigma {sigma1.shape} and {sigma2.shape}')
-    if not all(np.isfinite(a).all() for a in (mu1, mu2, sigma1, sigma2)):
+    if mu1.shape != (d,) or mu2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
+        raise FIDError(f'statistics do not match: mu {mu1.shape} and {mu2.shape}, sigma {s1.shape} and {s2.shape}')
+    if not all(np.isfinite(a).all() for a in (mu1, mu2, s1, s2)):
         raise FIDError('the statistics hold non-finite values')
-    root1, _ = sqrt_psd(sigma1, 'sigma1'), sqrt_psd(sigma2, 'sigma2')     # both must be covariances
-    a = root1 @ sigma2 @ root1
+    root1, _ = sqrt_psd(s1, 'sigma1'), sqrt_psd(s2, 'sigma2')     # both must be covariances
+    a = root1 @ s2 @ root1          # tr((S1 S2)^(1/2)) = tr((S1^(1/2) S2 S1^(1/2))^(1/2)), no sqrtm eps needed
     tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((a + a.T) / 2), 0, None)).sum()
-    return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
-
+    return float((mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
 
 def few_samples_warning(n, d, what='FD'):
     """A one-line warning when n samples cannot estimate a D-dimensional covariance (n <= d), else None."""
     if n is not None and n <= d:
         return (f'warning: {what} from {n} samples of dimension {d}: with N <= D samples the covariance has rank at '
                 f'most N - 1 < D, so it is singular and the distance is biased high; use clearly more samples')
-
 
 def stats(features):
     """Mean and covariance (float64) of features of shape (N, D)."""
@@ -79,13 +65,11 @@ def stats(features):
         raise FIDError(f'need at least 2 feature vectors of shape (N, D), got shape {features.shape}')
     return features.mean(0), np.cov(features, rowvar=False)
 
-
 def accumulate(batches, total=None):
     """Mean and covariance (float64) of feature batches (B, D), summed on their device; total sizes the bar."""
     n, s, ss = 0, 0.0, 0.0
     with tqdm(total=total, unit='img', desc='inception features') as bar:
-        for f in batches:
-            f = torch.as_tensor(f).double()
+        for f in (torch.as_tensor(b).double() for b in batches):
             s, ss, n = s + f.sum(0), ss + f.T @ f, n + len(f)
             bar.update(len(f))
     if n < 2:
@@ -93,19 +77,14 @@ def accumulate(batches, total=None):
     mu = (s / n).cpu().numpy()
     return mu, (ss.cpu().numpy() - n * np.outer(mu, mu)) / (n - 1)     # unbiased, as np.cov
 
-
 def pixel_fd(x, y):
-    """Frechet distance between Gaussians fitted to the raw pixel vectors of two image sets x, y (arrays or
-    tensors (N, ...) on one scale). A weights-free sanity metric for the built-in 16x16 dataset, not FID and not
-    comparable with published FIDs; with no more images than pixels it is biased high (few_samples_warning)."""
+    """Frechet distance of Gaussians fitted to the raw pixels of x, y (N, ...): not FID; see few_samples_warning."""
     x, y = (torch.as_tensor(a).detach().cpu().double().reshape(len(a), -1).numpy() for a in (x, y))
     return frechet_distance(*stats(x), *stats(y))
-
 
 def save_stats(path, mu, sigma):
     """Writes statistics as an .npz with keys mu and sigma (the keys of ADM's reference batches)."""
     np.savez(path, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
-
 
 def open_npz(path):
     """np.load of an .npz without pickles; a truncated or non-.npz file is a FIDError."""
@@ -113,10 +92,9 @@ def open_npz(path):
         if zipfile.is_zipfile(path):                           # a cut-short .npz has lost its zip directory
             return np.load(path, allow_pickle=False)
         why = 'BadZipFile: truncated or another format'
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
         why = f'{type(e).__name__}: {str(e)[:80]}'
     raise FIDError(f'{path} is not a complete, readable .npz archive ({why}); write it again (np.savez)')
-
 
 def npz_array(f, key, path):
     """f[key] of an open .npz; an array of pickled Python objects or a damaged member is a FIDError."""
@@ -130,158 +108,126 @@ def npz_array(f, key, path):
     except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as e:
         raise FIDError(f'{path}: {key} cannot be read ({type(e).__name__}: {str(e)[:80]}); the file is damaged')
 
-
 def load_stats(path):
     """Reads (mu, sigma) in float64 from an .npz with keys mu and sigma."""
     with open_npz(path) as f:
         return npz_array(f, 'mu', path).astype(np.float64), npz_array(f, 'sigma', path).astype(np.float64)
 
-
 def is_stats_file(path):
-    """True for an .npz that holds keys mu and sigma (a damaged .npz is a FIDError)."""
+    """True for an .npz with keys mu and sigma, beside images or not (ADM's reference batches); damaged: FIDError."""
     if not (isinstance(path, str) and path.endswith('.npz') and os.path.isfile(path)):
         return False
     with open_npz(path) as f:
         return 'mu' in f.files and 'sigma' in f.files
 
-
-# -------------------- The FID InceptionV3, with torchvision's module names, so that the weights file loads strictly:
-# 94 conv+BN units x 6 entries (conv.weight, bn.{weight, bias, running_mean, running_var, num_batches_tracked}) + fc.
-
-class ConvBN(nn.Module):
+# -------------------- The FID InceptionV3, in torchvision's names so that the weights load strictly (94 ConvBN + fc)
+class ConvBN(nn.Sequential):
     """Conv (no bias) -> BatchNorm (eps 1e-3, as in the TF graph) -> ReLU."""
 
     def __init__(self, cin, cout, kernel_size, stride=1, padding=0):
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, kernel_size, stride=stride, padding=padding, bias=False)
         self.bn = nn.BatchNorm2d(cout, eps=1e-3)
+        self.relu = nn.ReLU(inplace=True)
 
-    def forward(self, x):
-        return F.relu(self.bn(self.conv(x)), inplace=True)
+class Units(nn.Module):
+    """A module of ConvBN units, given in order as name=(cin, cout, kernel, stride=1, padding=0)."""
 
+    def __init__(self, **specs):
+        super().__init__()
+        for name, spec in specs.items():
+            setattr(self, name, ConvBN(*spec))
 
-def units(module, **specs):
-    """Registers ConvBN(cin, cout, kernel, stride=1, padding=0) = spec under each name, in order."""
-    for name, spec in specs.items():
-        setattr(module, name, ConvBN(*spec))
-
-
-def chain(x, *layers):
-    for layer in layers:
-        x = layer(x)
-    return x
-
+    def seq(self, x, branch, n):              # x through the units {branch}_1 .. {branch}_n in turn
+        for i in range(1, n + 1):
+            x = getattr(self, f'{branch}_{i}')(x)
+        return x
 
 def avg_pool_3x3(x):
-    # FID quirk: TF's average pooling ignores the zero padding at the borders, hence count_include_pad=False.
-    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
-
+    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)    # FID quirk: TF ignores the padding
 
 R7, C7, R3, C3 = ((1, 7), 1, (0, 3)), ((7, 1), 1, (3, 0)), ((1, 3), 1, (0, 1)), ((3, 1), 1, (1, 0))  # 1xk, kx1
 
-
-class InceptionA(nn.Module):
+class InceptionA(Units):
     """35x35 block (Mixed_5b/c/d): 1x1, 5x5, double 3x3 and pooled branches -> 224 + pool_features channels."""
 
     def __init__(self, cin, pool_features):
-        super().__init__()
-        units(self, branch1x1=(cin, 64, 1), branch5x5_1=(cin, 48, 1), branch5x5_2=(48, 64, 5, 1, 2),
-              branch3x3dbl_1=(cin, 64, 1), branch3x3dbl_2=(64, 96, 3, 1, 1), branch3x3dbl_3=(96, 96, 3, 1, 1),
-              branch_pool=(cin, pool_features, 1))
+        super().__init__(branch1x1=(cin, 64, 1), branch5x5_1=(cin, 48, 1), branch5x5_2=(48, 64, 5, 1, 2),
+                         branch3x3dbl_1=(cin, 64, 1), branch3x3dbl_2=(64, 96, 3, 1, 1),
+                         branch3x3dbl_3=(96, 96, 3, 1, 1), branch_pool=(cin, pool_features, 1))
 
     def forward(self, x):
-        return torch.cat([self.branch1x1(x), chain(x, self.branch5x5_1, self.branch5x5_2),
-                          chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3),
+        return torch.cat([self.branch1x1(x), self.seq(x, 'branch5x5', 2), self.seq(x, 'branch3x3dbl', 3),
                           self.branch_pool(avg_pool_3x3(x))], 1)
 
-
-class InceptionB(nn.Module):
+class InceptionB(Units):
     """Reduction 35x35 -> 17x17 (Mixed_6a): strided 3x3, strided double 3x3 and max pool branches."""
 
     def __init__(self, cin):
-        super().__init__()
-        units(self, branch3x3=(cin, 384, 3, 2), branch3x3dbl_1=(cin, 64, 1), branch3x3dbl_2=(64, 96, 3, 1, 1),
-              branch3x3dbl_3=(96, 96, 3, 2))
+        super().__init__(branch3x3=(cin, 384, 3, 2), branch3x3dbl_1=(cin, 64, 1), branch3x3dbl_2=(64, 96, 3, 1, 1),
+                         branch3x3dbl_3=(96, 96, 3, 2))
 
     def forward(self, x):
-        return torch.cat([self.branch3x3(x), chain(x, self.branch3x3dbl_1, self.branch3x3dbl_2, self.branch3x3dbl_3),
-                          F.max_pool2d(x, 3, stride=2)], 1)
+        return torch.cat([self.branch3x3(x), self.seq(x, 'branch3x3dbl', 3), F.max_pool2d(x, 3, stride=2)], 1)
 
-
-class InceptionC(nn.Module):
+class InceptionC(Units):
     """17x17 block (Mixed_6b..e) with factorised 7x7 convolutions (1x7 and 7x1) -> 768 channels."""
 
     def __init__(self, cin, c7):
-        super().__init__()
-        units(self, branch1x1=(cin, 192, 1), branch7x7_1=(cin, c7, 1), branch7x7_2=(c7, c7, *R7),
-              branch7x7_3=(c7, 192, *C7), branch7x7dbl_1=(cin, c7, 1), branch7x7dbl_2=(c7, c7, *C7),
-              branch7x7dbl_3=(c7, c7, *R7), branch7x7dbl_4=(c7, c7, *C7), branch7x7dbl_5=(c7, 192, *R7),
-              branch_pool=(cin, 192, 1))
+        super().__init__(branch1x1=(cin, 192, 1), branch7x7_1=(cin, c7, 1), branch7x7_2=(c7, c7, *R7),
+                         branch7x7_3=(c7, 192, *C7), branch7x7dbl_1=(cin, c7, 1), branch7x7dbl_2=(c7, c7, *C7),
+                         branch7x7dbl_3=(c7, c7, *R7), branch7x7dbl_4=(c7, c7, *C7), branch7x7dbl_5=(c7, 192, *R7),
+                         branch_pool=(cin, 192, 1))
 
     def forward(self, x):
-        return torch.cat([self.branch1x1(x), chain(x, self.branch7x7_1, self.branch7x7_2, self.branch7x7_3),
-                          chain(x, *(getattr(self, f'branch7x7dbl_{i}') for i in range(1, 6))),
+        return torch.cat([self.branch1x1(x), self.seq(x, 'branch7x7', 3), self.seq(x, 'branch7x7dbl', 5),
                           self.branch_pool(avg_pool_3x3(x))], 1)
 
-
-class InceptionD(nn.Module):
+class InceptionD(Units):
     """Reduction 17x17 -> 8x8 (Mixed_7a): strided 3x3, 7x7-then-strided-3x3 and max pool branches."""
 
     def __init__(self, cin):
-        super().__init__()
-        units(self, branch3x3_1=(cin, 192, 1), branch3x3_2=(192, 320, 3, 2), branch7x7x3_1=(cin, 192, 1),
-              branch7x7x3_2=(192, 192, *R7), branch7x7x3_3=(192, 192, *C7), branch7x7x3_4=(192, 192, 3, 2))
+        super().__init__(branch3x3_1=(cin, 192, 1), branch3x3_2=(192, 320, 3, 2), branch7x7x3_1=(cin, 192, 1),
+                         branch7x7x3_2=(192, 192, *R7), branch7x7x3_3=(192, 192, *C7), branch7x7x3_4=(192, 192, 3, 2))
 
     def forward(self, x):
-        return torch.cat([chain(x, self.branch3x3_1, self.branch3x3_2),
-                          chain(x, *(getattr(self, f'branch7x7x3_{i}') for i in range(1, 5))),
-                          F.max_pool2d(x, 3, stride=2)], 1)
+        return torch.cat([self.seq(x, 'branch3x3', 2), self.seq(x, 'branch7x7x3', 4), F.max_pool2d(x, 3, stride=2)], 1)
 
-
-class InceptionE(nn.Module):
-    """8x8 block (Mixed_7b, Mixed_7c) whose 3x3 branches split into parallel 1x3 and 3x1 -> 2048 channels.
-    FID quirk: the pooled branch of Mixed_7c uses max pooling (pool='max'), not average pooling."""
+class InceptionE(Units):
+    """8x8 block (Mixed_7b/c): 3x3s split into 1x3 and 3x1 -> 2048 channels. FID quirk: Mixed_7c max-pools."""
 
     def __init__(self, cin, pool='avg'):
-        super().__init__()
+        super().__init__(branch1x1=(cin, 320, 1), branch3x3_1=(cin, 384, 1), branch3x3_2a=(384, 384, *R3),
+                         branch3x3_2b=(384, 384, *C3), branch3x3dbl_1=(cin, 448, 1), branch3x3dbl_2=(448, 384, 3, 1, 1),
+                         branch3x3dbl_3a=(384, 384, *R3), branch3x3dbl_3b=(384, 384, *C3), branch_pool=(cin, 192, 1))
         self.pool = pool
-        units(self, branch1x1=(cin, 320, 1), branch3x3_1=(cin, 384, 1), branch3x3_2a=(384, 384, *R3),
-              branch3x3_2b=(384, 384, *C3), branch3x3dbl_1=(cin, 448, 1), branch3x3dbl_2=(448, 384, 3, 1, 1),
-              branch3x3dbl_3a=(384, 384, *R3), branch3x3dbl_3b=(384, 384, *C3), branch_pool=(cin, 192, 1))
 
     def forward(self, x):
-        b, c = self.branch3x3_1(x), self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        b, c = self.branch3x3_1(x), self.seq(x, 'branch3x3dbl', 2)
         pooled = F.max_pool2d(x, 3, stride=1, padding=1) if self.pool == 'max' else avg_pool_3x3(x)
         return torch.cat([self.branch1x1(x), self.branch3x3_2a(b), self.branch3x3_2b(b), self.branch3x3dbl_3a(c),
                           self.branch3x3dbl_3b(c), self.branch_pool(pooled)], 1)
 
-
-class InceptionV3(nn.Module):
+class InceptionV3(Units):
     """FID InceptionV3: float RGB images in [0, 1], (N, 3, H, W) -> pool3 features (N, 2048)."""
     MIXED = ('5b', '5c', '5d', '6a', '6b', '6c', '6d', '6e', '7a', '7b', '7c')
 
     def __init__(self):
-        super().__init__()
-        units(self, Conv2d_1a_3x3=(3, 32, 3, 2), Conv2d_2a_3x3=(32, 32, 3), Conv2d_2b_3x3=(32, 64, 3, 1, 1),
-              Conv2d_3b_1x1=(64, 80, 1), Conv2d_4a_3x3=(80, 192, 3))
-        # Mixed_5b..7c: 35x35x256, x288, x288 -> 17x17x768 (four times) -> 8x8x1280 -> 8x8x2048 (twice)
-        blocks = [InceptionA(192, 32), InceptionA(256, 64), InceptionA(288, 64), InceptionB(288),
-                  InceptionC(768, 128), InceptionC(768, 160), InceptionC(768, 160), InceptionC(768, 192),
-                  InceptionD(768), InceptionE(1280, pool='avg'), InceptionE(2048, pool='max')]
-        for name, block in zip(self.MIXED, blocks):
-            setattr(self, f'Mixed_{name}', block)
+        super().__init__(Conv2d_1a_3x3=(3, 32, 3, 2), Conv2d_2a_3x3=(32, 32, 3), Conv2d_2b_3x3=(32, 64, 3, 1, 1),
+                         Conv2d_3b_1x1=(64, 80, 1), Conv2d_4a_3x3=(80, 192, 3))
+        self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = InceptionA(192, 32), InceptionA(256, 64), InceptionA(288, 64)
+        self.Mixed_6a, self.Mixed_6b, self.Mixed_6c = InceptionB(288), InceptionC(768, 128), InceptionC(768, 160)
+        self.Mixed_6d, self.Mixed_6e, self.Mixed_7a = InceptionC(768, 160), InceptionC(768, 192), InceptionD(768)
+        self.Mixed_7b, self.Mixed_7c = InceptionE(1280, pool='avg'), InceptionE(2048, pool='max')
         self.fc = nn.Linear(2048, 1008)     # the classifier is unused for FID; here so the weights load strictly
 
     def forward(self, x):
-        x = F.interpolate(x, size=(299, 299), mode='bilinear', align_corners=False, antialias=False)
-        x = 2 * x - 1                                       # [0, 1] -> [-1, 1], the range the graph expects
-        x = chain(x, self.Conv2d_1a_3x3, self.Conv2d_2a_3x3, self.Conv2d_2b_3x3)   # 299 -> 147x147x64
-        x = F.max_pool2d(x, 3, stride=2)                                            # -> 73x73
-        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))                               # -> 71x71x192
-        x = F.max_pool2d(x, 3, stride=2)                                            # -> 35x35
-        x = chain(x, *(getattr(self, f'Mixed_{name}') for name in self.MIXED))
+        x = 2 * F.interpolate(x, size=(299, 299), mode='bilinear', align_corners=False) - 1     # 299x299, in [-1, 1]
+        x = F.max_pool2d(self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x))), 3, stride=2)   # 73x73x64
+        x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), 3, stride=2)                      # 35x35x192
+        for name in self.MIXED:
+            x = getattr(self, f'Mixed_{name}')(x)
         return F.adaptive_avg_pool2d(x, 1).flatten(1)      # pool3: (N, 2048)
-
 
 def load_inception(path, device='cpu'):
     """InceptionV3 in eval mode on device, with the weights file at path loaded strictly."""
@@ -298,22 +244,20 @@ def load_inception(path, device='cpu'):
     if not isinstance(state, dict):
         raise FIDError(f'{not_it}: it holds a {type(state).__name__}, not a state dict')
     model = InceptionV3()
-    want = model.state_dict()
-    wrong = [f'{k} {tuple(getattr(state[k], "shape", ()))} (expected {tuple(v.shape)})' for k, v in want.items()
-             if k in state and not (torch.is_tensor(state[k]) and state[k].shape == v.shape)]
-    problems = {'missing': [k for k in want if k not in state], 'unexpected': [k for k in state if k not in want],
-                'wrong shape': wrong}
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) if torch.is_tensor(v) else () for k, v in state.items()}
+    problems = {'missing': [k for k in want if k not in got], 'unexpected': [k for k in got if k not in want],
+                'wrong shape': [f'{k} {got[k]} (expected {want[k]})' for k in want if got.get(k, want[k]) != want[k]]}
     if any(problems.values()):
         raise FIDError(f'{not_it}: ' + '; '.join(f'{len(keys)} {name} key(s), e.g. {", ".join(map(str, keys[:3]))}'
                                                  for name, keys in problems.items() if keys))
     model.load_state_dict(state, strict=True)
     return model.to(device).eval()
 
-
 # -------------------- Images
 def image_files(folder):
     """Sorted .png/.jpg files of a folder (not recursive), checked to exist and to share one size."""
-    files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+    files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(('.png', '.jpg', '.jpeg')))
     if not files:
         raise FIDError(f'no .png or .jpg images in {folder}')
     sizes = {}
@@ -328,15 +272,12 @@ def image_files(folder):
             raise FIDError(f'images in {folder} differ in size: {f1} is {s1[0]}x{s1[1]} but {f2} is {s2[0]}x{s2[1]}')
     return files
 
-
 def read_images(files):
     """uint8 (N, H, W, 3) array of image files of one size (grayscale and palette become RGB, alpha is dropped)."""
-    images = []
-    for f in files:
+    def rgb(f):
         with Image.open(f) as im:
-            images.append(np.asarray(im.convert('RGB')))
-    return np.stack(images)
-
+            return np.asarray(im.convert('RGB'))
+    return np.stack([rgb(f) for f in files])
 
 def load_images(path):
     """uint8 (N, H, W, C) array, C = 1 or 3, of an image folder or of an ADM-style .npz (key arr_0)."""
@@ -349,26 +290,22 @@ def load_images(path):
     with open_npz(path) as f:
         return check_images(npz_array(f, 'arr_0', path), f'{path}: arr_0')
 
-
-def bad_layout(dtype, shape):
-    """Whether images of this dtype and shape are not uint8 (N, H, W) or (N, H, W, C) with C = 1 or 3."""
-    return dtype != np.uint8 or len(shape) not in (3, 4) or (len(shape) == 4 and shape[-1] not in (1, 3))
-
+def check_layout(dtype, shape, name):
+    """Refuses images of a dtype and shape other than uint8 (N, H, W) or (N, H, W, C) with C = 1 or 3."""
+    if dtype != np.uint8 or len(shape) not in (3, 4) or (len(shape) == 4 and shape[-1] not in (1, 3)):
+        raise FIDError(f'{name} must be uint8 (N, H, W, C) with C = 1 or 3, got {dtype} {shape}')
 
 def check_images(images, name='images'):
     """images as uint8 (N, H, W, C) with C = 1 or 3 ((N, H, W) gets C = 1), else a clear error."""
     images = np.asarray(images)
-    if bad_layout(images.dtype, images.shape):
-        raise FIDError(f'{name} must be uint8 (N, H, W, C) with C = 1 or 3, got {images.dtype} {images.shape}')
+    check_layout(images.dtype, images.shape, name)
     return images[..., None] if images.ndim == 3 else images
-
 
 def to_inception_input(images, device='cpu'):
     """uint8 (N, H, W, C) images, C = 1 or 3 -> float (N, 3, H, W) in [0, 1] on device."""
     x = torch.as_tensor(np.asarray(images)).to(device)    # move uint8, 4x smaller than float
     x = (x[..., None] if x.ndim == 3 else x).permute(0, 3, 1, 2).float() / 255
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
-
 
 def image_batches(source, batch_size=50, num_workers=0):
     """(count, uint8 NHWC batches) of an image folder (read by a DataLoader), an ADM-style .npz or a uint8 array."""
@@ -378,7 +315,6 @@ def image_batches(source, batch_size=50, num_workers=0):
                                                        collate_fn=read_images)
     images = load_images(source) if isinstance(source, str) else check_images(source)
     return len(images), (images[i:i + batch_size] for i in range(0, len(images), batch_size))
-
 
 @torch.inference_mode()
 def inception_stats(source, model, batch_size=50, num_workers=0, with_count=False):
@@ -390,13 +326,11 @@ def inception_stats(source, model, batch_size=50, num_workers=0, with_count=Fals
     mu, sigma = accumulate((model(to_inception_input(b, device)) for b in batches), total=count)
     return (mu, sigma, count) if with_count else (mu, sigma)
 
-
 def source_stats(source, model, batch_size=50, num_workers=0):
     """(mu, sigma, number of images) of a statistics .npz (number None) or of the Inception features of images."""
     if is_stats_file(source):
         return (*load_stats(source), None)
     return inception_stats(source, model, batch_size, num_workers, with_count=True)
-
 
 def check_images_npz(path):
     """Refuses an image .npz without uint8 NHWC arr_0 before any network is loaded (reads only its header)."""
@@ -413,9 +347,7 @@ def check_images_npz(path):
     if dtype.hasobject:
         raise FIDError(f'{path}: arr_0 holds pickled Python objects, which are not loaded (not safe); store '
                        f'uint8 images (N, H, W, C)')
-    if bad_layout(dtype, shape):
-        raise FIDError(f'{path}: arr_0 must be uint8 (N, H, W, C) with C = 1 or 3, got {dtype} {shape}')
-
+    check_layout(dtype, shape, f'{path}: arr_0')
 
 def needs_inception(*sources):
     """Whether any source holds images rather than statistics, after checking that paths and .npz files are fine."""
@@ -428,22 +360,18 @@ def needs_inception(*sources):
             check_images_npz(s)
     return bool(images)
 
-
 def fid_of(samples, ref, inception_path=None, batch_size=50, device='cpu', num_workers=0):
     """FID of two image folders, ADM-style .npz, uint8 NHWC arrays or stats .npz (weights loaded for images only)."""
     samples, ref = (os.fspath(s) if isinstance(s, os.PathLike) else s for s in (samples, ref))
     model = load_inception(inception_path, device) if needs_inception(samples, ref) else None
-    mu1, sigma1, _ = source_stats(samples, model, batch_size, num_workers)
-    mu2, sigma2, _ = source_stats(ref, model, batch_size, num_workers)
+    (mu1, sigma1, _), (mu2, sigma2, _) = (source_stats(s, model, batch_size, num_workers) for s in (samples, ref))
     return frechet_distance(mu1, sigma1, mu2, sigma2)
-
 
 def save_npz(path, **arrays):
     """np.savez to a temporary file, then renamed into place: readers never see half a file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     np.savez(path + '.tmp.npz', **arrays)
     os.replace(path + '.tmp.npz', path)
-
 
 def write_adm_npz(path, images, labels=None):
     """ADM's sample file, the one load_images reads: arr_0 uint8 (N, H, W, C), arr_1 int64 labels. Atomic."""
@@ -455,51 +383,69 @@ def write_adm_npz(path, images, labels=None):
         raise ValueError(f'write_adm_npz: {len(labels["arr_1"])} labels for {len(images)} images')
     save_npz(os.fspath(path), arr_0=images, **labels)
 
-
 def latents_subset(folder, n, shape, builtin):
-    """The pixel FD's reference: n raw items of a latents folder ('builtin': that folder), a fixed random
-    subset (permutation seed 1)."""
+    """The pixel FD's reference: n raw items, a fixed random subset (seed 1), of a latents folder (or builtin)."""
     from safetensors import safe_open
     path = builtin if folder == 'builtin' else folder
     files = sorted(f for f in os.listdir(path) if f.endswith('.safetensors')) if os.path.isdir(path) else []
     if not files:
         raise FIDError(f'--fd-ref {folder}: not a latents folder (no *.safetensors files in {path})')
-    handles = [safe_open(os.path.join(path, f), 'pt').get_slice('latents') for f in files]
-    items = [(h, j) for h in handles for j in range(h.get_shape()[0])]
-    idx = torch.randperm(len(items), generator=torch.Generator().manual_seed(1))[:n].tolist()
-    real = torch.stack([items[i][0][items[i][1]] for i in idx]).float()
+    slices = [safe_open(os.path.join(path, f), 'pt').get_slice('latents') for f in files]
+    items = [(s, j) for s in slices for j in range(s.get_shape()[0])]
+    pick = torch.randperm(len(items), generator=torch.Generator().manual_seed(1))[:n].tolist()
+    real = torch.stack([items[i][0][items[i][1]] for i in pick]).float()
     if tuple(real.shape[1:]) != tuple(shape):
         raise FIDError(f'--fd-ref {folder}: its items have shape {tuple(real.shape[1:])}, the samples {tuple(shape)}')
     return real
 
+# -------------------- Command line, and helpers shared by every script (fid.py imports nothing of ours)
+def cli_parser(doc):
+    """argparse with one-line errors (`error: ...`, exit code 2) instead of usage + error."""
+    ap = argparse.ArgumentParser(description=doc.split('\n\n')[0])
+    ap.error = lambda msg: (print(f'error: {msg}', file=sys.stderr), sys.exit(2))
+    return ap
 
-# -------------------- Command line (plain argparse: one `error: ...` line on stderr, exit code 2)
+def bounded(kind, lo=None, hi=None, lo_open=False, hi_open=False):
+    """An argparse type: kind(text) in [lo, hi] (open at an end with lo_open / hi_open), else refused."""
+    where = (f'{">" if lo_open else ">="} {lo:g}' if hi is None else
+             f'in {"(" if lo_open else "["}{lo:g}, {hi:g}{")" if hi_open else "]"}')
+    def parse(text):
+        with contextlib.suppress(ValueError):
+            v = kind(text)
+            if math.isfinite(v) and (lo is None or v > lo or v == lo and not lo_open) and \
+                    (hi is None or v < hi or v == hi and not hi_open):
+                return v
+        raise argparse.ArgumentTypeError(f'{text} is not {"an integer" if kind is int else "a number"} {where}')
+    return parse
+
+def device_flag(text):
+    """An argparse type for --device: auto, cpu, cuda or cuda:N (which must exist here)."""
+    if text not in ['auto', 'cpu'] + ['cuda'] * torch.cuda.is_available() + [f'cuda:{i}' for i in range(torch.cuda.device_count())]:
+        raise argparse.ArgumentTypeError(f'{text!r}: give auto, cpu, or a CUDA device this machine has (cuda, cuda:N)')
+    return text
+
+def set_threads(n):
+    """--threads N > 0 (torch's default, a spinning thread per core, can be 10-30x slower on a busy machine)."""
+    torch.set_num_threads(n) if n > 0 else None
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description='FID between two image sets (folders, ADM-style .npz, or stats .npz).')
-    p.error = lambda msg: (print(f'error: {msg}', file=sys.stderr), sys.exit(2))
-    gpus = [f'cuda:{i}' for i in range(torch.cuda.device_count())]
+    p = cli_parser('FID between two image sets (folders, ADM-style .npz, or stats .npz).')
     A = p.add_argument
     A('samples', help='generated images (a folder of .png/.jpg, an .npz with uint8 NHWC arr_0) or a stats .npz')
     A('ref', nargs='?', help='reference images or statistics, same formats (optional with --save-stats)')
     A('--inception', help=f'path to the weights file {WEIGHTS_NAME} (only needed for images)')
-    A('--batch-size', type=int, default=50, help='images per Inception forward pass (default: 50)')
-    A('--device', default='auto', choices=['auto', 'cpu'] + ['cuda'] * bool(gpus) + gpus,
-      help='auto (the default: cuda if there is a GPU, else cpu), cpu, cuda or cuda:N')
-    A('--num-workers', type=int, default=min(4, os.cpu_count() or 1), help='processes decoding image folders')
-    A('--threads', type=int, default=0, help='torch.set_num_threads (0: one per core; 1: faster on a busy machine)')
+    A('--batch-size', type=bounded(int, 1), default=50, help='images per Inception forward pass (default: 50)')
+    A('--device', type=device_flag, default='auto', help='auto (cuda if there is a GPU), cpu, cuda or cuda:N')
+    A('--num-workers', type=bounded(int, 0), default=min(4, os.cpu_count() or 1), help='processes decoding image folders')
+    A('--threads', type=bounded(int, 0), default=0, help='torch.set_num_threads (0: one per core; 1: faster on a busy machine)')
     A('--save-stats', metavar='OUT.npz', help='also write the statistics (mu, sigma) of SAMPLES')
     args = p.parse_args(argv)
-    for flag, lo in (('batch_size', 1), ('num_workers', 0), ('threads', 0)):
-        if getattr(args, flag) < lo:
-            p.error(f'argument --{flag.replace("_", "-")}: {getattr(args, flag)} is out of range: give >= {lo}')
     if args.ref is None and args.save_stats is None:
         p.error('REF is required unless --save-stats is given')
     if args.save_stats and not os.path.isdir(os.path.dirname(os.path.abspath(args.save_stats))):
         p.error(f'--save-stats {args.save_stats}: the folder does not exist')
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    device = ('cuda' if gpus else 'cpu') if args.device == 'auto' else args.device
+    set_threads(args.threads)
+    device = ('cuda' if torch.cuda.is_available() else 'cpu') if args.device == 'auto' else args.device
     try:
         sources = [s for s in (args.samples, args.ref) if s is not None]
         model = load_inception(args.inception, device) if needs_inception(*sources) else None
@@ -518,7 +464,6 @@ def main(argv=None):
                 print(note, file=sys.stderr)
     except FIDError as e:
         p.error(str(e))
-
 
 if __name__ == '__main__':
     main()

@@ -261,9 +261,6 @@ def load_dit_state(model, sd, path):
     model.load_state_dict(sd, strict=True)
     return model
 
-def count_params(model):
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
 # ----------------------------------------------------------------------------- the VA-VAE f16d32 decoder: latents -> images
 # LDM's KL-autoencoder decoder with LightningDiT's tokenizer/configs/vavae_f16d32.yaml: ch 128, ch_mult (1, 1, 2, 2, 4),
 # 2 + 1 ResBlocks per level, attention at 16x16, z_channels = embed_dim = 32, GroupNorm(32, eps 1e-6), swish, no tanh;

@@ -28,9 +28,8 @@ from teacher import load_teacher, teacher_velocity, read_checkpoint, resolve_che
 BUILTIN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'digits16')
 MIX_T = {'uniform-seg': 0.25, 'logit-normal': 0.0625, 'arctan': 0.25}   # 3 seeds; arctan: not measured
 
-# ----------------------------------------------------------------------------- processes and folders (train.py's too)
 def setup_distributed(device='auto'):
-    """(rank, world, device): under torchrun the process group (NCCL on CUDA, else gloo), else one process."""
+    """(rank, world, device) of train.py and sample.py: under torchrun its process group (NCCL or gloo)."""
     cuda = torch.cuda.is_available() and device != 'cpu'
     if 'RANK' not in os.environ:
         return 0, 1, torch.device(('cuda' if cuda else 'cpu') if device == 'auto' else device)

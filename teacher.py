@@ -15,8 +15,8 @@ Guidance acts on all channels (LightningDiT's `forward_with_cfg` guides only the
 of DiT's 4-channel latents; we do not distil that, but the teacher's sampler offers it to reproduce
 upstream's FID: `channels=3`).
 
-Checkpoints understood by `load_teacher`: ours (a dict with 'model', 'ema', 'args'; the EMA weights
-are used), LightningDiT's files (a dict with 'model', 'ema', 'opt', 'config': the 'ema' weights are
+Checkpoints understood by `load_teacher`: ours (a dict with 'model', 'ema', 'args'; by default the EMA
+weights), LightningDiT's files (a dict with 'model', 'ema', 'opt', 'config': the 'ema' weights are
 used; or a bare state dict). A LightningDiT file names no architecture: `preset` gives it (default
 XL/1, the released teacher); channels, latent size and classes are read from the weights' shapes.
 """

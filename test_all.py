@@ -294,6 +294,23 @@ def fixed_batch(n=16, seed=3, dtype=torch.float32):
     return x, y, draws
 
 
+def test_mix_switch_comes_from_the_checkpoints_schedule_and_each_sampler_names_its_times(digits, teacher_ckpt, tmp_path):
+    """`sample.py --ckpt RUN --nfe 4 --mix`: the switch measured best for the run's t schedule (MIX_T), or --mix-t."""
+    expect = {('logit-normal',): 'mix: 2 flow-map steps 0 -> 0.03125 -> 0.0625, then CM steps at 0.0625, 0.5312',
+              ('uniform-seg',): 'mix: 2 flow-map steps 0 -> 0.125 -> 0.25, then CM steps at 0.25, 0.625',
+              ('logit-normal', '--mix-t', '0.5'): 'mix: 2 flow-map steps 0 -> 0.25 -> 0.5, then CM steps at 0.5, 0.75',
+              ('uniform-seg', '--sampler', 'cm'): 'cm: 4 CM steps at 0, 0.25, 0.5, 0.75'}
+    for schedule, *flags in expect:
+        out = str(tmp_path / schedule)
+        if not os.path.exists(out):
+            train.main(['--data', digits, '--teacher', teacher_ckpt, '--schedule', schedule, '--steps', '1',
+                        '--batch', '8', '--out', out])
+        argv = ['--ckpt', out, '--nfe', '4'] + (flags if flags[:1] == ['--sampler'] else ['--mix'] + flags)
+        p = subprocess.run([sys.executable, os.path.join(HERE, 'sample.py'), *argv, '--num-samples', '8', '--threads',
+                            '1', '--out', os.path.join(out, 's')], capture_output=True, text=True)
+        assert p.returncode == 0 and p.stdout.splitlines()[0] == expect[(schedule, *flags)], (p.stdout, p.stderr)
+
+
 def test_one_iteration_with_freq_1_runs_both_updates(teacher_ckpt):
     args, teacher, student, ema, opt = step_setup(teacher_ckpt, ['--freq', '1'])
     x, y, draws = fixed_batch()
@@ -2240,3 +2257,23 @@ def test_short_runs_give_the_old_train_py_weights_bit_for_bit(tmp_path):
         subprocess.run([sys.executable, os.path.join(HERE, 'train.py'), '--data', lat, '--batch', '16', '--threads', '1',
                         '--lr', '1e-3', '--out', tmp_path / name, *map(str, flags)], check=True, capture_output=True)
         assert weights_sha256(tmp_path / name) == OLD_TRAIN_SHA256[name], name
+
+
+def test_core_imports_form_no_cycle_and_never_reach_experiments():
+    """The import graph of the six core files (every import, lazy ones included) is acyclic and never names
+    experiments/."""
+    import ast
+    core = ['model', 'losses', 'teacher', 'sample', 'fid', 'train']
+    graph = {}
+    for name in core:
+        tree = ast.parse(open(os.path.join(HERE, name + '.py')).read())
+        mods = {a.name.split('.')[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        mods |= {n.module.split('.')[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert 'experiments' not in mods and 'bench' not in mods, name
+        graph[name] = mods & set(core)
+    done = set()
+    while len(done) < len(core):                             # peel off files whose imports are all done
+        ready = [n for n in core if n not in done and graph[n] <= done]
+        assert ready, f'import cycle among {sorted(set(core) - done)}'
+        done |= set(ready)
+    assert graph['fid'] == set() and graph['model'] == set() and graph['losses'] == set()

@@ -219,8 +219,7 @@ def optimizer_step(model, ema, opt, loss, args, world, decay):
     return ok, gnorm.detach()
 
 def ema_decay(step, args):
-    """EMA decay at iteration `step`: --ema, or with --ema-warmup min(--ema, (1 + step) / (10 + step)), so
-    that the average forgets the weights it started from (the teacher's) within a short run."""
+    """--ema, or with --ema-warmup min(--ema, (1 + step) / (10 + step)): forgets the starting weights early."""
     return min(args.ema, (1 + step) / (10 + step)) if args.ema_warmup else args.ema
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -393,7 +392,7 @@ def train(args):
     resume = latest_checkpoint(args.out) if args.resume == 'auto' else (args.resume or None)
     ckpt = load_student_checkpoint(resume) if resume else None
     if ckpt is not None and args.loss_set != ['fm'] and not ckpt['model_config'].get('s_embed', True):
-        raise ValueError(f'{resume} is a flow-matching (teacher) checkpoint without the s input: give it as --teacher')
+        raise ValueError(f'--resume {resume}: a teacher checkpoint (no s input): give it as --teacher, not --resume')
     torch.manual_seed(args.seed)                               # Alg.1 l.1: F_theta <- F_tea, F_ema <- F_theta
     teacher = load_teacher(args.teacher, preset=args.preset or 'XL/1', device=dev) if args.teacher != 'none' else None
     student = student_from_teacher(teacher) if teacher else DiT(args.preset or 'tiny', C, H, labels[1] + 1,
@@ -432,8 +431,8 @@ def train(args):
     old_handlers = {s: signal.signal(s, lambda n, f: stop.update(signal=n)) for s in (signal.SIGINT, signal.SIGTERM)}
     if rank == 0:
         what = 'teacher (flow matching) training' if not teacher and args.loss_set == ['fm'] else 'DE-CM (Algorithm 1)'
-        print(f'decm: {what}: losses {args.losses} (N2N every {args.freq}); teacher {args.teacher}; student '
-              f'{cfg["preset"]}, {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M parameters\n'
+        print(f'decm: {what}: losses {args.losses}' + f' (N2N every {args.freq})' * ('n2n' in args.loss_set) + f'; teacher '
+              f'{args.teacher}; student {cfg["preset"]}, {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M parameters\n'
               f'decm: data {data}: {len(ds)} items of shape {ds.shape}; batch {args.batch} = {world} rank(s) x '
               f'{args.accum} micro-batch(es); {dev}, {"bf16 autocast" if use_amp else "fp32"}, JVPs {args.jvp_dtype}\n'
               f'decm: iterations {step} -> {args.steps}' + ' (resumed)' * bool(step) + f'; checkpoints every '
@@ -451,8 +450,9 @@ def train(args):
             sums[k], counts[k] = sums[k] + v if k in sums else v.clone(), counts.get(k, 0) + 1
         if nan_run >= args.nan_patience:
             bar.close()
-            sys.exit(f'error: training stopped at step {step}: {nan_run} non-finite updates in a row '
-                     f'({ {k: float(v) for k, v in log.items()} }); the last good checkpoint is {last_good}')
+            print(f'error: training stopped at step {step}: {nan_run} non-finite updates in a row '
+                  f'({ {k: float(v) for k, v in log.items()} }); the last good checkpoint is {last_good}', file=sys.stderr)
+            sys.exit(1)
         record = {}
         if step % args.log_every == 0:
             torch.cuda.synchronize(dev) if cuda else None

@@ -65,6 +65,10 @@ def at_least(a, names, lo=1):
                              f'{2 if name == "n" else lo}')
 
 
+def count_params(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def resolve_device(name):
     return torch.device('cuda' if name == 'auto' and torch.cuda.is_available() else
                         ('cpu' if name == 'auto' else name))

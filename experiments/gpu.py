@@ -25,7 +25,7 @@ import losses  # noqa: E402
 import torch  # noqa: E402
 import train  # noqa: E402
 from common import timed, write_atomic  # noqa: E402
-from model import PRESETS, count_params, student_from_teacher  # noqa: E402
+from model import PRESETS, student_from_teacher  # noqa: E402
 from teacher import teacher_velocity  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -249,7 +249,7 @@ def gpu(a):
     info['matmul_n'] = n
     tick('matmul rate')
     teacher, student, ema, opt = gpu_setup(a, dev)
-    info['params'] = count_params(student)
+    info['params'] = common.count_params(student)
     if dev.type == 'cuda':
         info['device_memory'] = torch.cuda.get_device_properties(dev).total_memory
     info['state_bytes'] = torch.cuda.memory_allocated(dev) if dev.type == 'cuda' else None

@@ -29,7 +29,7 @@ import sample  # noqa: E402
 import torch  # noqa: E402
 import train  # noqa: E402
 from common import peak_extra_bytes, timed, write_atomic  # noqa: E402
-from model import DiT, PRESETS, count_params, student_from_teacher  # noqa: E402
+from model import DiT, PRESETS, student_from_teacher  # noqa: E402
 from teacher import teacher_velocity  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -54,7 +54,7 @@ def speed_preset(preset, a, dev, bar):
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == 'cuda')   # train.py's --amp auto
     x_ref = torch.randn(B, C, H, H, device=dev)
     y = torch.randint(0, K, (B,), device=dev)
-    res = {'params': count_params(student_from_teacher(teacher))}
+    res = {'params': common.count_params(student_from_teacher(teacher))}
     step = lambda name: (bar.set_description(f'speed {preset}: {name}'), bar.update(1))
 
     def trainer(argv, with_teacher=True):
