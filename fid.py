@@ -426,7 +426,7 @@ def device_flag(text):
 
 def set_threads(n):
     """--threads N > 0 (torch's default, a spinning thread per core, can be 10-30x slower on a busy machine)."""
-    torch.set_num_threads(n) if n > 0 else None
+    if n > 0: torch.set_num_threads(n)
 
 def main(argv=None):
     p = cli_parser('FID between two image sets (folders, ADM-style .npz, or stats .npz).')

@@ -97,7 +97,7 @@ def cm_loss(model, x_t, t, y, v, w1=1.0, p=0.5, c=1e-3, fused=True, jvp_dtype=to
     return adaptive_l2(F_cm, target, p, c)                     # l.11: d1(F_cm, v_tar)
 
 def n2n_residual(F_n2n, dF, v_r, v_psi, r, t, lam=1.0, gam=1.0, w2=1.0):
-    """Alg.1 l.23-24 (self-consistent reading, see the docstring): g_n2n and the N2N target."""
+    """Alg.1 l.23-24 (the self-consistent reading of the module docstring): g_n2n and the N2N target."""
     g = (lam + gam) * F_n2n - lam * v_r - gam * v_psi - bcast(t - r, v_r) * dF
     return g, F_n2n - w2 * g
 

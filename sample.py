@@ -34,7 +34,7 @@ def setup_distributed(device='auto'):
     if 'RANK' not in os.environ:
         return 0, 1, torch.device(('cuda' if cuda else 'cpu') if device == 'auto' else device)
     dist.init_process_group('nccl' if cuda else 'gloo')
-    torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0))) if cuda else None
+    if cuda: torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
     return dist.get_rank(), dist.get_world_size(), torch.device(f'cuda:{torch.cuda.current_device()}' if cuda else 'cpu')
 
 def make_out(path):
@@ -216,7 +216,9 @@ def run(args):
     if world > 1:                                              # gather every rank's samples on rank 0
         parts = [None] * world
         dist.all_gather_object(parts, (xs, ys, calls))
-        (xs, ys), calls = ({k: v for p in parts for k, v in p[i].items()} for i in (0, 1)), sum(p[2] for p in parts)
+        xs = {k: v for p in parts for k, v in p[0].items()}
+        ys = {k: v for p in parts for k, v in p[1].items()}
+        calls = sum(p[2] for p in parts)
         dist.destroy_process_group()
         if rank != 0:
             return

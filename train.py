@@ -3,12 +3,11 @@
 train_step: z, t, x_t = (1 - t) z + t x_ref and the teacher velocity v_t for the whole batch (l.2-6), an
 update on L_cm + L_fm (l.8-15), and every `freq` iterations one on L_n2n + L_fm at x_r near the noise
 (l.17-28); `--accum K` runs the losses on K micro-batches in turn. Data: LightningDiT's latents folder
-(`*.safetensors` with `latents`, `latents_flip`, `labels`, and `latents_stats.pt`), normalised, flipped with
-probability 0.5; without `--data`, the built-in digits in that format. CPU or CUDA (bf16 autocast, fp32
-JVPs, TF32), torchrun: we all-reduce the gradients ourselves, since DDP's hooks are armed only by its own
-forward (a loss on the primal of a torch.func.jvp of `model.module` would skip the all-reduce silently).
-Checkpoints are atomic, `--resume auto` is bit-exact, a non-finite update is skipped, SIGINT/SIGTERM save
-and exit; OUT/log.jsonl, and with --eval-every OUT/samples/ and OUT/curves.png, show the run.
+(`*.safetensors` with `latents`, `latents_flip`, `labels`; `latents_stats.pt`), normalised, flipped with
+probability 0.5; without `--data`, the built-in digits. CPU or CUDA (bf16 autocast, fp32 JVPs, TF32) and
+torchrun: we all-reduce the gradients ourselves, since DDP's hooks are armed only by its own forward (a loss on
+the primal of a torch.func.jvp of `model.module` would skip the all-reduce silently). Checkpoints are atomic,
+`--resume auto` is bit-exact, non-finite updates are skipped, SIGINT/SIGTERM save; see OUT/log.jsonl, curves.png.
 """
 import argparse
 import contextlib
@@ -119,9 +118,8 @@ def data_stream(ds, batch, seed, rank, world, start, workers):
 
 def prepare_batch(lat, lat_flip, mean, std, device):
     """Pick the flipped copy with probability 0.5, move to the device, normalise (z - mean) / std."""
-    flip = torch.rand(lat.shape[0]) < 0.5
-    x = torch.where(flip.view(-1, 1, 1, 1), lat_flip, lat).to(device, non_blocking=True).float()
-    return (x - mean) / std
+    x = torch.where((torch.rand(lat.shape[0]) < 0.5).view(-1, 1, 1, 1), lat_flip, lat)
+    return (x.to(device, non_blocking=True).float() - mean) / std
 
 # ----------------------------------------------------------------------------- Algorithm 1
 def sample_t(n, args, device):
@@ -150,7 +148,7 @@ def train_step(student, ema, teacher, opt, x_ref, y, it, args, world=1, autocast
     jvp_opts = dict(fused=args.fused, jvp_dtype=losses.JVP_DTYPES[args.jvp_dtype], compiled=args.compile_jvp, **opts)
     d = draw(x_ref, args) if draws is None else draws         # l.2-3: z ~ N(0, I), t (and l.18's r)
     z, t = d['z'], d['t']
-    if teacher is None and args.class_drop > 0:                # teacher training: CFG label dropout
+    if teacher is None and args.class_drop > 0:                # from scratch (a teacher run): CFG label dropout
         y = torch.where(d['drop'], torch.full_like(y, student.num_classes), y)
     x_t = (1 - losses.bcast(t, z)) * z + losses.bcast(t, z) * x_ref          # l.4
     v_t = teacher_v(x_t, t, teacher, y, args, autocast, z, x_ref)            # l.5-6
@@ -162,12 +160,12 @@ def train_step(student, ema, teacher, opt, x_ref, y, it, args, world=1, autocast
             if 'cm' in names:                                  # l.8-11 (JVP precision: losses.py)
                 loss = loss + logged(log, 'cm', K, losses.cm_loss(
                     student, x_t=x_t[sl], t=t[sl], y=y[sl], v=v_t[sl], w1=args.w1, **jvp_opts))
-            if 'fm' in names:                                  # l.13-14
+            if 'fm' in names:                                  # l.13-14 (the JVPs set their own precision)
                 with autocast:
                     loss = loss + logged(log, 'fm', K, losses.fm_loss(
                         student, x_t=x_t[sl], t=t[sl], y=y[sl], v=v_t[sl], **opts))
-            (loss / K if K > 1 else loss).backward()
-            total = total + loss.detach() / K if K > 1 else loss.detach()
+            (loss / K).backward()
+            total = total + loss.detach() / K
         ok, log['grad_norm'] = optimizer_step(student, ema, opt, total, args, world, ema_decay(it, args))   # l.15
         skipped += not ok
     if 'n2n' in names and it % args.freq == 0:                 # l.17
@@ -176,9 +174,9 @@ def train_step(student, ema, teacher, opt, x_ref, y, it, args, world=1, autocast
         v_r = teacher_v(x_r, r, teacher, y, args, autocast, z, x_ref)            # l.20-21
         total = 0.0
         for sl in parts:
-            # v_psi, the teacher velocity at t: at the predicted point f(x_r, r, t) (Eq. 13) or v_t (l.23)
-            v_psi = v_t[sl] if args.vpsi == 'interp' or teacher is None else \
-                (lambda x_hat, sl=sl: teacher_v(x_hat, t[sl], teacher, y[sl], args, autocast))
+            v_psi = v_t[sl]                                    # the teacher velocity at t: v_t (l.23), or at
+            if args.vpsi == 'pred' and teacher is not None:    # the predicted point f(x_r, r, t) (Eq. 13)
+                v_psi = lambda x_hat: teacher_v(x_hat, t[sl], teacher, y[sl], args, autocast)
             loss = logged(log, 'n2n', K, losses.n2n_loss(             # l.22-25
                 student, x_r=x_r[sl], r=r[sl], t=t[sl], y=y[sl], v_r=v_r[sl], v_psi=v_psi, lam=args.lam,
                 gam=args.gam, w2=args.w2, **jvp_opts))
@@ -186,8 +184,8 @@ def train_step(student, ema, teacher, opt, x_ref, y, it, args, world=1, autocast
                 with autocast:
                     loss = loss + logged(log, 'fm2', K, losses.fm_loss(
                         student, x_t=x_t[sl], t=t[sl], y=y[sl], v=v_t[sl], **opts))
-            (loss / K if K > 1 else loss).backward()
-            total = total + loss.detach() / K if K > 1 else loss.detach()
+            (loss / K).backward()
+            total = total + loss.detach() / K
         ok, log['grad_norm2'] = optimizer_step(student, ema, opt, total, args, world, ema_decay(it, args))  # l.28
         skipped += not ok
     log['skipped'] = torch.tensor(float(skipped))
@@ -195,18 +193,19 @@ def train_step(student, ema, teacher, opt, x_ref, y, it, args, world=1, autocast
 
 def logged(log, name, K, value):
     """value, with its mean over the K micro-batches added to log[name] (for the bar and log.jsonl)."""
-    log[name] = value.detach() if K == 1 else log.get(name, 0.0) + value.detach() / K
+    log[name] = log.get(name, 0.0) + value.detach() / K
     return value
 
 def optimizer_step(model, ema, opt, loss, args, world, decay):
-    """Alg.1 l.15 / l.28: F_theta, F_ema <- update(F_theta, loss) on the accumulated gradients: all-reduce (one flat
-    tensor), clip, AdamW, EMA; skipped if non-finite (on every rank alike). Returns (updated?, norm before clip)."""
+    """Alg.1 l.15 / l.28: F_theta, F_ema <- update(F_theta, loss) on the accumulated gradients: all-reduce (one
+    flat tensor), clip, AdamW, EMA; skipped if non-finite. Returns (updated?, gradient norm before clipping)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    if world > 1:
+    if world > 1:                                              # the loss too: every rank takes the same decision
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.flatten() for g in grads])
+        flat = torch.cat([g.flatten() for g in grads] + [loss.reshape(1).float()])
         dist.all_reduce(flat)
-        for p, g in zip(params, (flat / world).split([g.numel() for g in grads])):
+        flat, loss = flat[:-1] / world, flat[-1] / world
+        for p, g in zip(params, flat.split([g.numel() for g in grads])):
             p.grad = g.view_as(p)
     gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float('inf'))
     ok = bool(torch.isfinite(gnorm) and torch.isfinite(loss))   # one host sync per update
@@ -382,7 +381,7 @@ def train(args):
         if args.data is None and not os.path.exists(os.path.join(data, 'latents_stats.pt')):
             make_digits(data)
         LatentFolder(data, compute_stats=True)
-    dist.barrier() if world > 1 else None
+    if world > 1: dist.barrier()
     ds = LatentFolder(data)
     (C, H, W), labels = ds.shape, (int(ds.labels.min()), int(ds.labels.max()))
     if len(ds) < args.batch:                                   # fail before the progress bar is drawn
@@ -413,11 +412,12 @@ def train(args):
     if ckpt is not None:
         opt.load_state_dict(ckpt['opt'])
         opt.param_groups[0]['lr'] = args.lr                    # a resumed run may change --lr
-        step, data_pos, (sums, counts, skipped) = ckpt['step'], ckpt['data_pos'], ckpt['log'].values()
-        sums, skipped = {k: v.to(dev) for k, v in sums.items()}, torch.as_tensor(skipped, device=dev).float()
+        step, data_pos, run_log = ckpt['step'], ckpt['data_pos'], ckpt['log']
+        sums, counts = {k: v.to(dev) for k, v in run_log['sums'].items()}, run_log['counts']
+        skipped = torch.as_tensor(run_log['skipped'], device=dev).float()
         rng = ckpt['rng'][min(rank, len(ckpt['rng']) - 1)]     # every random draw of training is torch's
         torch.set_rng_state(rng['torch'])
-        torch.cuda.set_rng_state_all(rng['cuda']) if torch.cuda.is_available() and rng.get('cuda') else None
+        if torch.cuda.is_available() and rng.get('cuda'): torch.cuda.set_rng_state_all(rng['cuda'])
     else:
         torch.manual_seed(args.seed + rank)
     stream = data_stream(ds, args.batch // world, args.seed, rank, world, data_pos, args.workers)
@@ -455,7 +455,7 @@ def train(args):
             sys.exit(1)
         record = {}
         if step % args.log_every == 0:
-            torch.cuda.synchronize(dev) if cuda else None
+            if cuda: torch.cuda.synchronize(dev)
             elapsed = time.time() - window_start
             record = {'step': step, 'epoch': round(data_pos / per_epoch, 4), 'lr': args.lr, 'skipped': int(skipped),
                       **{k: float(sums[k]) / counts[k] for k in sums}, 's_per_it': round(elapsed / window_steps, 4),
@@ -467,13 +467,13 @@ def train(args):
             record = {'step': step, **record, **evaluator(ema, step, autocast, ds.mean.to(dev), ds.std.to(dev))}
         if record and rank == 0:
             append_log(log_path, record)
-            plot_curves(args.out, read_log(log_path)) if 'eval_s' in record else None
-        window_start, window_steps = (time.time(), 0) if record else (window_start, window_steps)
+            if 'eval_s' in record: plot_curves(args.out, read_log(log_path))
+        if record: window_start, window_steps = time.time(), 0   # evaluation time is not training time
         bar.update(1)
         if (step % args.ckpt_every == 0 or step == args.steps or stop) and nan_run == 0:
             rngs = [{'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state_all() if cuda else []}] * world
-            dist.all_gather_object(rngs, rngs[0]) if world > 1 else None
-            last_good = last_good if rank else save_checkpoint(args.out, {
+            if world > 1: dist.all_gather_object(rngs, rngs[0])
+            if rank == 0: last_good = save_checkpoint(args.out, {
                 'model': student.state_dict(), 'ema': ema.state_dict(), 'opt': opt.state_dict(), 'model_config': cfg,
                 'args': {k: v for k, v in vars(args).items() if k != 'loss_set'}, 'loss_set': args.loss_set,
                 'step': step, 'data_pos': data_pos, 'rng': rngs, 'stats': {'mean': ds.mean, 'std': ds.std},
@@ -485,8 +485,7 @@ def train(args):
     bar.close()
     for sig, handler in old_handlers.items():                 # in-process callers (tests)
         signal.signal(sig, handler)
-    dist.barrier() if world > 1 else None
-    dist.destroy_process_group() if world > 1 else None
+    if world > 1: dist.destroy_process_group()   # the last all_gather of the RNG states synchronised the ranks
     return student, ema, last_good
 
 def main(argv=None):

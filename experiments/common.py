@@ -26,8 +26,8 @@ from tqdm import tqdm  # noqa: E402
 
 import sample  # noqa: E402
 import train  # noqa: E402
-# The core's helpers the experiments use, from where they are defined (the core re-exports some of them: sample's
-# command-line helpers, train.plot, sample.save_grid); the scripts take them from here.
+# The core's helpers the experiments use, from where they are defined (fid.py: the command-line helpers; model.py:
+# the pictures); the scripts take them from here.
 from fid import bounded, cli_parser, pixel_fd, set_threads  # noqa: E402,F401
 from model import plot, save_grid, to_uint8  # noqa: E402,F401
 
@@ -228,7 +228,7 @@ def train_all(jobs, n_parallel, log_dir, what='run'):
 # Settings that do not change what a run computes (checked when an existing run folder is reused; a run
 # folder may be moved or copied, so its --out is not checked either).
 RUN_FLAGS_IGNORED = {'out', 'steps', 'resume', 'loss_set', 'log_every', 'ckpt_every', 'keep', 'workers', 'nan_patience',
-                     'threads', 'eval_every', 'eval_samples', 'vae', 'fid_ref', 'inception'}
+                     'threads', 'eval_every', 'eval_samples', 'vae'}
 
 
 def check_run(out, argv, steps):
