@@ -419,20 +419,20 @@ def save_grid(path, panels, per_row=10):
 def plot(path, panels, xlabel='iteration', ylabel=None, logy=True, ylim=None):
     """The one plotting function (training curves and the experiments' figures): side-by-side panels
     [(title, {label: (xs, ys)})], markers for short series, log y axes by default. Atomic."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    for ax, (title, series) in zip(axes[0], panels):
+    from matplotlib.figure import Figure                       # no pyplot: no global state, no display needed
+    from matplotlib.ticker import LogFormatter                 # plain numbers on log axes (not 2 x 10^0)
+    fig = Figure(figsize=(5 * len(panels), 4), layout='tight')
+    for ax, (title, series) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
         for label, (xs, ys) in series.items():
             ax.plot(xs, ys, marker='o' if len(xs) <= 20 else None, ms=4, label=f'{label} {ys[-1]:.3g}' if ys else label)
         ax.set(title=title, xlabel=xlabel, ylabel=ylabel, yscale='log' if logy and series else 'linear', ylim=ylim)
+        if logy and series:
+            ax.yaxis.set_major_formatter(LogFormatter())
+            ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8) if series else ax.text(0.5, 0.5, 'nothing yet', ha='center', transform=ax.transAxes)
-    fig.tight_layout()
     fig.savefig(path + '.tmp.png', dpi=80)
     os.replace(path + '.tmp.png', path)
-    plt.close(fig)
 
 def plot_curves(out, records):
     """OUT/curves.png: losses and gradient norms (moving averages of 5% of the points), and the quality."""
