@@ -383,7 +383,7 @@ def train(args):
         LatentFolder(data, compute_stats=True)
     if world > 1: dist.barrier()
     ds = LatentFolder(data)
-    (C, H, W), labels = ds.shape, (int(ds.labels.min()), int(ds.labels.max()))
+    (C, H, W), labels, mean, std = ds.shape, (int(ds.labels.min()), int(ds.labels.max())), ds.mean.to(dev), ds.std.to(dev)
     if len(ds) < args.batch:                                   # fail before the progress bar is drawn
         raise ValueError(f'the dataset has {len(ds)} samples, fewer than one batch of {args.batch}')
     if args.eval_every and C not in (1, 3) and not args.vae:
@@ -442,7 +442,7 @@ def train(args):
     last_good, window_start, window_steps = resume, time.time(), 0
     while step < args.steps:
         lat, lat_flip, y = next(stream)
-        x, data_pos = prepare_batch(lat, lat_flip, ds.mean.to(dev), ds.std.to(dev), dev), data_pos + 1
+        x, data_pos = prepare_batch(lat, lat_flip, mean, std, dev), data_pos + 1
         log, ok = train_step(student, ema, teacher, opt, x, y.to(dev), step, args, world, autocast)
         step, window_steps, nan_run = step + 1, window_steps + 1, 0 if ok else nan_run + 1
         skipped = skipped + log.pop('skipped')
@@ -464,7 +464,7 @@ def train(args):
             bar.set_postfix({k: f'{record[k]:.4f}' for k in ('cm', 'fm', 'n2n', 'fm2') if k in record}, refresh=False)
             sums, counts = {}, {}
         if evaluator is not None and step % args.eval_every == 0:
-            record = {'step': step, **record, **evaluator(ema, step, autocast, ds.mean.to(dev), ds.std.to(dev))}
+            record = {'step': step, **record, **evaluator(ema, step, autocast, mean, std)}
         if record and rank == 0:
             append_log(log_path, record)
             if 'eval_s' in record: plot_curves(args.out, read_log(log_path))
