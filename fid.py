@@ -111,7 +111,10 @@ def npz_array(f, key, path):
 def load_stats(path):
     """Reads (mu, sigma) in float64 from an .npz with keys mu and sigma."""
     with open_npz(path) as f:
-        return npz_array(f, 'mu', path).astype(np.float64), npz_array(f, 'sigma', path).astype(np.float64)
+        mu, sigma = npz_array(f, 'mu', path).astype(np.float64), npz_array(f, 'sigma', path).astype(np.float64)
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise FIDError(f'{path}: its statistics hold non-finite values (NaN or inf); compute them again')
+    return mu, sigma
 
 def is_stats_file(path):
     """True for an .npz with keys mu and sigma, beside images or not (ADM's reference batches); damaged: FIDError."""
@@ -356,8 +359,8 @@ def needs_inception(*sources):
             raise FIDError(f'{s} does not exist')
     images = [s for s in sources if not is_stats_file(s)]
     for s in images:
-        if isinstance(s, str) and os.path.isfile(s) and s.endswith('.npz'):
-            check_images_npz(s)
+        if isinstance(s, str) and os.path.isfile(s):
+            check_images_npz(s) if s.endswith('.npz') else load_images(s)   # the latter refuses a .png, a .txt
     return bool(images)
 
 def fid_of(samples, ref, inception_path=None, batch_size=50, device='cpu', num_workers=0):
@@ -373,30 +376,39 @@ def save_npz(path, **arrays):
     np.savez(path + '.tmp.npz', **arrays)
     os.replace(path + '.tmp.npz', path)
 
-def write_adm_npz(path, images, labels=None):
-    """ADM's sample file, the one load_images reads: arr_0 uint8 (N, H, W, C), arr_1 int64 labels. Atomic."""
+def write_adm_npz(path, images, labels=None, **extra):
+    """ADM's sample file, the one load_images reads: arr_0 uint8 (N, H, W, C), arr_1 int64 labels (and extra). Atomic."""
     images = np.ascontiguousarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise ValueError(f'write_adm_npz: expected uint8 NHWC images, got dtype {images.dtype} shape {images.shape}')
     labels = {} if labels is None else {'arr_1': np.asarray(labels).astype(np.int64).reshape(-1)}
     if labels and len(labels['arr_1']) != len(images):
         raise ValueError(f'write_adm_npz: {len(labels["arr_1"])} labels for {len(images)} images')
-    save_npz(os.fspath(path), arr_0=images, **labels)
+    save_npz(os.fspath(path), arr_0=images, **labels, **extra)
 
-def latents_subset(folder, n, shape, builtin):
+def latents_subset(folder, n, shape, builtin, flag='--fd-ref'):
     """The pixel FD's reference: n raw items, a fixed random subset (seed 1), of a latents folder (or builtin)."""
     from safetensors import safe_open
     path = builtin if folder == 'builtin' else folder
     files = sorted(f for f in os.listdir(path) if f.endswith('.safetensors')) if os.path.isdir(path) else []
     if not files:
-        raise FIDError(f'--fd-ref {folder}: not a latents folder (no *.safetensors files in {path})')
+        raise FIDError(f'{flag} {folder}: not a latents folder (no *.safetensors files in {path})')
     slices = [safe_open(os.path.join(path, f), 'pt').get_slice('latents') for f in files]
     items = [(s, j) for s in slices for j in range(s.get_shape()[0])]
     pick = torch.randperm(len(items), generator=torch.Generator().manual_seed(1))[:n].tolist()
     real = torch.stack([items[i][0][items[i][1]] for i in pick]).float()
     if tuple(real.shape[1:]) != tuple(shape):
-        raise FIDError(f'--fd-ref {folder}: its items have shape {tuple(real.shape[1:])}, the samples {tuple(shape)}')
+        raise FIDError(f'{flag} {folder}: its items have shape {tuple(real.shape[1:])}, the samples {tuple(shape)}')
     return real
+
+def pixels(source, n=None, shape=None):
+    """--pixel: images (folder, .npz; sample.py's unrounded x) in [-1, 1], NCHW; a latents folder: the n items
+    sample.py --fd-ref draws."""
+    if os.path.isdir(source) and any(f.endswith('.safetensors') for f in os.listdir(source)):
+        return latents_subset(source, n, shape, source, flag='REF').numpy()
+    with contextlib.suppress(FIDError), open_npz(source) as f:
+        if 'x' in f.files: return npz_array(f, 'x', source)
+    return load_images(source).transpose(0, 3, 1, 2) / 127.5 - 1
 
 # -------------------- Command line, and helpers shared by every script (fid.py imports nothing of ours)
 def cli_parser(doc):
@@ -424,6 +436,21 @@ def device_flag(text):
         raise argparse.ArgumentTypeError(f'{text!r}: give auto, cpu, or a CUDA device this machine has (cuda, cuda:N)')
     return text
 
+def flagged(flag, load, path, *args, **kwargs):
+    """load(path, ...), its errors (which start with the path) prefixed by the flag the user typed."""
+    try:
+        return load(path, *args, **kwargs)
+    except ValueError as e:
+        raise ValueError(f'{flag} {e}' if str(e).startswith(str(path)) else f'{flag} {path}: {e}') from None
+
+def run_cli(fn, *args):
+    """fn(*args); a ValueError becomes one line `error: ...` and exit code 2 (no traceback)."""
+    try:
+        return fn(*args)
+    except ValueError as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
+
 def set_threads(n):
     """--threads N > 0 (torch's default, a spinning thread per core, can be 10-30x slower on a busy machine)."""
     if n > 0: torch.set_num_threads(n)
@@ -439,7 +466,11 @@ def main(argv=None):
     A('--num-workers', type=bounded(int, 0), default=min(4, os.cpu_count() or 1), help='processes decoding image folders')
     A('--threads', type=bounded(int, 0), default=0, help='torch.set_num_threads (0: one per core; 1: faster on a busy machine)')
     A('--save-stats', metavar='OUT.npz', help='also write the statistics (mu, sigma) of SAMPLES')
+    A('--pixel', action='store_true', help='the pixel FD of the samplers instead of FID (no Inception; REF may also be '
+      'a latents folder)')
     args = p.parse_args(argv)
+    if args.pixel and (args.inception or args.save_stats or args.ref is None):
+        p.error('--pixel compares the raw pixels of SAMPLES and REF: give both, and neither --inception nor --save-stats')
     if args.ref is None and args.save_stats is None:
         p.error('REF is required unless --save-stats is given')
     if args.save_stats and not os.path.isdir(os.path.dirname(os.path.abspath(args.save_stats))):
@@ -447,6 +478,10 @@ def main(argv=None):
     set_threads(args.threads)
     device = ('cuda' if torch.cuda.is_available() else 'cpu') if args.device == 'auto' else args.device
     try:
+        if args.pixel:
+            x = pixels(args.samples)
+            print(f'pixel FD: {pixel_fd(x, pixels(args.ref, len(x), x.shape[1:])):.4f} ({len(x)} samples; not FID)')
+            return
         sources = [s for s in (args.samples, args.ref) if s is not None]
         model = load_inception(args.inception, device) if needs_inception(*sources) else None
         mu1, sigma1, n1 = source_stats(args.samples, model, args.batch_size, args.num_workers)

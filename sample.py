@@ -21,7 +21,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from fid import (pixel_fd, few_samples_warning, write_adm_npz, save_npz, latents_subset, cli_parser, bounded,
-                 device_flag, set_threads)
+                 device_flag, set_threads, flagged, run_cli)
 from model import PRESETS, load_vavae_decoder, decode_to_uint8, to_uint8, save_grid
 from teacher import load_teacher, teacher_velocity, read_checkpoint, resolve_checkpoint
 
@@ -128,31 +128,27 @@ def describe(model, name, nfe, args=None):
         return f'cm: {nfe} CM steps at {f([i / nfe for i in range(nfe)], ", ")}'
     return f'euler: {nfe} Euler steps of F(x, t, t) on {f(torch.linspace(0, 1, nfe + 1).tolist(), " -> ")}'
 
-def count_calls(model):
-    """Counts forward calls of `model` (a forward hook): returns (counter dict, hook handle)."""
-    counter = {'calls': 0}
-    return counter, model.register_forward_hook(lambda m, i, o: counter.update(calls=counter['calls'] + 1))
-
 def generate(model, name, n, nfe, num_classes, seed=0, batch=250, device='cpu', args=None, rank=0, world=1,
              progress=True):
     """n samples with labels i % num_classes. Batch b uses noise seeded by (seed, b); rank r does batches
     r, r + world, ... Returns ({batch start: samples}, {batch start: labels}, network calls) of this rank."""
-    (calls, handle), out, labels = count_calls(model), {}, {}
+    calls, out, labels = [], {}, {}
+    handle = model.register_forward_hook(lambda *_: calls.append(1))   # counts the network calls
     for b0 in tqdm(range(0, n, batch)[rank::world], desc=f'{name} {nfe} NFE', disable=not progress or rank > 0, leave=False):
         gen = torch.Generator(device).manual_seed(seed * 1_000_003 + b0)
         y = torch.arange(b0, min(b0 + batch, n), device=device) % num_classes
         z = torch.randn((len(y), model.in_channels, model.input_size, model.input_size), generator=gen, device=device)
         out[b0], labels[b0] = run_sampler(model, name, z, y, nfe, gen, args).float().cpu(), y.cpu()
     handle.remove()
-    return out, labels, calls['calls']
+    return out, labels, len(calls)
 
 def latest_checkpoint(out):
     return resolve_checkpoint(out) if os.path.exists(os.path.join(out, 'latest')) else None
 
-def load_model(path, device='cpu', use='ema', preset='XL/1', stats_file=None):
+def load_model(path, device='cpu', use='ema', preset=None, stats_file=None, flag='--ckpt'):
     """teacher.load_teacher (our checkpoint, a run folder, or a LightningDiT file of architecture `preset`)
     -> (model, latent stats or None, path); stats_file: a latents_stats.pt to use instead."""
-    model, path = load_teacher(path, preset, device=device, use=use), resolve_checkpoint(path)
+    model, path = flagged(flag, load_teacher, path, preset, device=device, use=use), resolve_checkpoint(path)
     st = read_checkpoint(stats_file) if stats_file and os.path.isfile(stats_file) else stats_file
     n = st['mean'].numel() if isinstance(st, dict) and {'mean', 'std'} <= set(st) else None
     if stats_file and n != model.in_channels:
@@ -166,22 +162,22 @@ def main(argv=None):
     A, P, N = ap.add_argument, bounded(int, 1), bounded(float, 0)
     A('--ckpt', default='runs/decm', help='checkpoint file, run folder (its latest), or LightningDiT file')
     A('--nfe', type=P, default=1, help='network calls per sample (exact)')
-    A('--sampler', default='cm', choices=['cm', 'mix', 'euler'], help='DE-CM sampler (a teacher uses its Euler+CFG)')
+    A('--sampler', choices=['cm', 'mix', 'euler'], help='DE-CM sampler (default cm; a teacher has its Euler sampler only)')
     A('--mix', action='store_true', help='same as --sampler mix')
     A('--mix-det', type=bounded(int, 0), help='flow-map steps of the Mix sampler, 0 to nfe - 1 (default nfe // 2)')
     A('--mix-t', type=bounded(float, 0, 1, True, True), help="the Mix sampler's switch to CM steps (default: the "
       "best measured for the checkpoint's t schedule: " + ', '.join(f'{k} {v:g}' for k, v in MIX_T.items()) + ')')
-    A('--cfg', type=N, default=2.0, help='teacher sampler: guidance weight (1: none)')
-    A('--guidance', default='cfg', choices=['cfg', 'apg'], help="teacher sampler: plain CFG, or the velocity DE-CM distils")
-    A('--eta', type=N, default=0.05, help='teacher sampler with --guidance apg: as train.py --eta')
-    A('--cfg-interval-start', type=bounded(float, 0, 1), default=0.0, help='teacher sampler: guide only for t >= this')
-    A('--shift', type=N, default=0.0, help='teacher sampler: timestep shift (LightningDiT: 0.3; 0: off)')
-    A('--cfg-channels', type=bounded(int, 0), default=0, help="teacher sampler: guide only the first N channels (3: LightningDiT)")
+    A('--cfg', type=N, help='teacher sampler: guidance weight (default 2; 1: none)')
+    A('--guidance', choices=['cfg', 'apg'], help="teacher sampler: plain CFG (default), or apg: the velocity DE-CM distils")
+    A('--eta', type=N, help='teacher sampler with --guidance apg: as train.py --eta (default 0.05)')
+    A('--cfg-interval-start', type=bounded(float, 0, 1), help='teacher sampler, CFG: guide only for t >= this (default 0)')
+    A('--shift', type=N, help='teacher sampler: timestep shift (LightningDiT: 0.3; default 0: off)')
+    A('--cfg-channels', type=bounded(int, 0), help="teacher sampler, CFG: guide only the first N channels (3: LightningDiT)")
     A('--num-samples', type=bounded(int, 2), default=1000, help='samples (labels cycle over the classes)')
     A('--batch', type=P, default=250, help='samples per network call, per rank under torchrun')
     A('--seed', type=bounded(int, 0), default=0, help='noise seed')
     A('--use', default='ema', choices=['ema', 'model'], help='which weights of our checkpoint')
-    A('--preset', default='XL/1', choices=list(PRESETS), help='architecture of a LightningDiT file (ours carry theirs)')
+    A('--preset', choices=list(PRESETS), help='architecture of a LightningDiT file (default XL/1; ours carry theirs)')
     A('--latent-stats', help='latents_stats.pt to de-normalise with (a LightningDiT file carries none)')
     A('--vae', help='VA-VAE file (vavae-imagenet256-f16d32-dinov2.pt): decode latents to images')
     A('--out', default='samples', help='output folder: grid.png and samples.npz')
@@ -189,22 +185,36 @@ def main(argv=None):
     A('--device', type=device_flag, default='auto', help='auto, cpu or cuda')
     A('--threads', type=bounded(int, 0), default=0, help='torch.set_num_threads (0: one per core; 1 on a busy machine)')
     args = ap.parse_args(argv)
-    args.sampler = 'mix' if args.mix else args.sampler
-    if args.sampler == 'mix' and args.mix_det is not None and args.mix_det >= args.nfe:
+    if args.mix_det is not None and args.mix_det >= args.nfe:
         ap.error(f'--mix-det {args.mix_det} with --nfe {args.nfe}: at most {args.nfe - 1} (the last step is a CM step)')
     if args.vae and not os.path.exists(args.vae):
         ap.error(f'--vae {args.vae}: no such file')
     set_threads(args.threads)
-    try:
-        run(args)
-    except ValueError as e:
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
+    run_cli(run, args)
+
+def refuse_ignored(args, model, path):
+    """A flag that would not act on this checkpoint and sampler is an error naming it: nothing is ignored."""
+    tea, apg, mix = model.s_embedder is None, args.guidance == 'apg', args.mix or args.sampler == 'mix'
+    decm = f'a DE-CM sampler flag, and {path} is a teacher (it has Euler steps only)'
+    teach = f'a teacher sampler flag, and {path} is DE-CM (its guidance is distilled)'
+    only = lambda what: f'applies to {what} only'
+    rules = [(k, not tea, decm) for k in ('sampler', 'mix', 'mix_det', 'mix_t')] + [(k, tea, teach) for k in (
+        'cfg', 'guidance', 'eta', 'shift', 'cfg_interval_start', 'cfg_channels')] + [
+        ('mix', args.sampler in (None, 'mix'), f'--sampler {args.sampler} asks for another sampler'),
+        ('mix_det', mix, only('the Mix sampler (--mix)')), ('mix_t', mix, only('the Mix sampler (--mix)')),
+        ('eta', apg, only('--guidance apg')), ('cfg_interval_start', not apg, only('plain CFG')),
+        ('cfg_channels', not apg, only('plain CFG'))]
+    for k, applies, reason in rules:
+        v = getattr(args, k)
+        if v not in (None, False) and not applies:
+            raise ValueError(f'--{k.replace("_", "-")}' + f' {v}' * (v is not True) + f': {reason}')
+    args.sampler, args.cfg = 'mix' if mix else args.sampler or 'cm', 2.0 if args.cfg is None else args.cfg
 
 def run(args):
     rank, world, device = setup_distributed(args.device)
     make_out(args.out)
     model, stats, path = load_model(args.ckpt, device, args.use, args.preset, args.latent_stats)
+    refuse_ignored(args, model, path)
     if stats is None and args.vae:                             # never decode normalised latents
         raise ValueError(f'--vae needs the latent statistics, and {path} carries none: give --latent-stats')
     name, shape = 'teacher' if model.s_embedder is None else args.sampler, (model.in_channels,) + (model.input_size,) * 2
@@ -216,8 +226,7 @@ def run(args):
     if world > 1:                                              # gather every rank's samples on rank 0
         parts = [None] * world
         dist.all_gather_object(parts, (xs, ys, calls))
-        xs = {k: v for p in parts for k, v in p[0].items()}
-        ys = {k: v for p in parts for k, v in p[1].items()}
+        xs, ys = ({k: v for p in parts for k, v in p[i].items()} for i in (0, 1))
         calls = sum(p[2] for p in parts)
         dist.destroy_process_group()
         if rank != 0:
@@ -230,19 +239,18 @@ def run(args):
     if args.vae:
         images = decode_to_uint8(load_vavae_decoder(args.vae, device), x)
     if images is not None:
-        write_adm_npz(npz, images, labels=y)
+        write_adm_npz(npz, images, labels=y, **{} if args.vae else {'x': x.numpy()})   # x: for fid.py --pixel
         save_grid(os.path.join(args.out, 'grid.png'), [('', images, y)])
-        print(f'wrote {npz} and {os.path.join(args.out, "grid.png")}')
     else:
         save_npz(npz, **{'latents' if stats is not None else 'latents_normalised': x.numpy(), 'labels': y.numpy()})
-        print(f'wrote {npz} (' + ('latents; pass --vae to decode)' if stats is not None else
-                                  f'normalised latents: {path} carries no statistics; pass --latent-stats)'))
     if real is not None:
         D = int(np.prod(x.shape[1:]))
         print(f'FD: {pixel_fd(x.numpy(), real.numpy()):.4f} (pixel FD of {len(x)} samples against {len(real)} '
               f'images of {args.fd_ref}, {D} pixels each)')
         for note in filter(None, (few_samples_warning(n, D, 'pixel FD') for n in sorted({len(x), len(real)}))):
             print(note, file=sys.stderr)
+    print(f'sample: wrote {args.out}/ (' + ('samples.npz, grid.png)' if images is not None else 'samples.npz: latents; '
+          + ('pass --vae to decode)' if stats is not None else f'normalised, {path} has no statistics: pass --latent-stats)')))
 
 if __name__ == '__main__':
     main()

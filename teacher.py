@@ -33,11 +33,11 @@ def resolve_checkpoint(path):
     if os.path.isdir(path) or os.path.basename(path) == 'latest':
         pointer = os.path.join(path, 'latest') if os.path.isdir(path) else path
         if not os.path.isfile(pointer):
-            raise ValueError(f'{path} is a folder without a `latest` checkpoint pointer')
+            raise ValueError(f'{path}: a folder without a `latest` checkpoint pointer')
         with open(pointer) as f:
             path = os.path.join(os.path.dirname(pointer), f.read().strip())
     if not os.path.exists(path):
-        raise ValueError(f'checkpoint {path} does not exist')
+        raise ValueError(f'{path}: no such checkpoint')
     return path
 
 def read_checkpoint(path):
@@ -45,14 +45,14 @@ def read_checkpoint(path):
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except FileNotFoundError:
-        raise ValueError(f'checkpoint {path} does not exist')
+        raise ValueError(f'{path}: no such checkpoint')
     except Exception as e:  # truncated file, a pickle that needs code, not a torch file at all
         msg = re.sub(r'\x1b\[[0-9;]*m', '', str(e))
         needs = re.search(r'Unsupported global: GLOBAL ([\w.]+)', msg)
         why = (f'it pickles the Python object {needs.group(1)}, and loading that could run code' if needs else
                'it is not a torch checkpoint of tensors and plain containers' if 'Weights only' in msg else
                f'not a complete torch file ({type(e).__name__}: {msg.strip()[:100]})')
-        raise ValueError(f'cannot read checkpoint {path} safely (weights_only=True): {why}')
+        raise ValueError(f'{path}: cannot be read safely as a checkpoint (weights_only=True): {why}')
 
 def lightningdit_config(sd, preset):
     """DiT config of a LightningDiT state dict: the preset names depth, width, heads and patch (a file
@@ -66,15 +66,18 @@ def lightningdit_config(sd, preset):
     return dict(preset=preset, in_channels=in_channels, input_size=input_size, num_classes=num_classes,
                 s_embed=any(k.startswith('s_embedder.') for k in sd))
 
-def load_teacher(path, preset='XL/1', in_channels=None, input_size=None, num_classes=None, device='cpu', use='ema'):
+def load_teacher(path, preset=None, in_channels=None, input_size=None, num_classes=None, device='cpu', use='ema'):
     """A frozen network from a checkpoint: the teacher F_tea(x, t, y), or any of ours (`use`: its 'ema' or
-    'model' weights). `preset` (and, to override what the weights' shapes say, the data arguments) serve only
-    LightningDiT files; ours carry their config, latent statistics (.stats) and t schedule (.schedule)."""
+    'model' weights). `preset` (default XL/1; and, to override what the weights' shapes say, the data arguments)
+    serve only LightningDiT files; ours carry their config, latent statistics (.stats) and t schedule (.schedule)."""
     path = resolve_checkpoint(path)
     ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict):
         raise ValueError(f'{path} is not a state dict or a checkpoint dict')
     if 'args' in ckpt and 'model_config' in ckpt:              # ours
+        if preset not in (None, ckpt['model_config']['preset']):
+            raise ValueError(f'{path} is our checkpoint of preset {ckpt["model_config"]["preset"]}, not --preset '
+                             f'{preset}: ours carry their architecture (drop --preset)')
         model = load_dit_state(DiT(**ckpt['model_config']), ckpt[use], path)
         model.stats, model.schedule = ckpt.get('stats'), ckpt['args'].get('schedule', 'uniform-seg')
     else:                                                      # LightningDiT: 'ema' or a bare state dict
@@ -82,13 +85,13 @@ def load_teacher(path, preset='XL/1', in_channels=None, input_size=None, num_cla
         sd = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in sd.items()}
         if 'y_embedder.embedding_table.weight' not in sd:
             raise ValueError(f'{path} is not a teacher checkpoint (it looks like {describe_keys(sd.keys())})')
-        cfg = lightningdit_config(sd, preset)
+        cfg = lightningdit_config(sd, preset or 'XL/1')
         given = dict(in_channels=in_channels, input_size=input_size, num_classes=num_classes)
         cfg.update({k: v for k, v in given.items() if v is not None})
         try:
             model = load_dit_state(DiT(**cfg), sd, path)
         except ValueError as e:
-            raise ValueError(f'{e}; is --preset {preset} the architecture of this LightningDiT file?')
+            raise ValueError(f'{e}; is --preset {preset or "XL/1"} the architecture of this LightningDiT file?')
         model.stats = model.schedule = None
     return model.eval().requires_grad_(False).to(device)
 

@@ -157,12 +157,17 @@ def test_student_equals_teacher_at_init_for_every_s():
     assert not torch.allclose(student(x, t, torch.zeros_like(t), y), student(x, t, torch.ones_like(t), y))
 
 
+def count_calls(model):
+    """Counts forward calls of model (a forward hook): (counter dict, hook handle)."""
+    counter = {'calls': 0}
+    return counter, model.register_forward_hook(lambda m, i, o: counter.update(calls=counter['calls'] + 1))
+
 def test_apg_velocity_equals_hand_computation():
     teacher = random_dit(s_embed=False)
     x, _, y = batch()
     y = torch.tensor([0, 3, 7])
     t = torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64)
-    calls, hook = sample.count_calls(teacher)
+    calls, hook = count_calls(teacher)
     v = teacher_velocity(teacher, x, t, y, w_cfg=3.0, eta=0.2)
     hook.remove()
     assert calls['calls'] == 1                                 # cond + uncond in one batched call
@@ -224,7 +229,7 @@ def test_samplers_make_exactly_nfe_calls(name, nfe):
     m = random_dit(s_embed=name != 'teacher', dtype=torch.float32)
     z = torch.randn(4, 1, 8, 8)
     y = torch.arange(4)
-    calls, hook = sample.count_calls(m)
+    calls, hook = count_calls(m)
     x = sample.run_sampler(m, name, z, y, nfe, torch.Generator().manual_seed(0))
     hook.remove()
     assert calls['calls'] == nfe and x.shape == z.shape and torch.isfinite(x).all()
@@ -789,6 +794,8 @@ def w(tmp_path_factory):
     try:
         train.main(['--data', w.D, '--losses', 'fm', '--out', str(root / 'teacher'), '--steps', '2',
                     '--batch', '16', '--device', 'cpu'])
+        train.main(['--data', w.D, '--teacher', str(root / 'teacher'), '--out', str(root / 'decm'), '--steps', '1',
+                    '--batch', '16', '--device', 'cpu'])
     finally:
         torch.set_num_threads(threads)
     w.handlers_after = {s: signal.getsignal(s) for s in handlers}
@@ -796,6 +803,12 @@ def w(tmp_path_factory):
     for s, h in handlers.items():                              # keep pytest's Ctrl-C whatever happened
         signal.signal(s, h)
     w.T = train.latest_checkpoint(str(root / 'teacher'))
+    w.decm = str(root / 'decm')
+    w.png = str(root / 'one.png')
+    Image.new('L', (8, 8)).save(w.png)
+    w.nanstats, w.okstats = str(root / 'nan_stats.npz'), str(root / 'ok_stats.npz')
+    np.savez(w.nanstats, mu=np.array([np.nan, 0.0]), sigma=np.eye(2))
+    np.savez(w.okstats, mu=np.zeros(2), sigma=np.eye(2))
 
     from safetensors.torch import save_file
 
@@ -867,13 +880,14 @@ CASES = {
     'train-batch-over-dataset': (lambda w, c: _train(w, c, '--batch', '300', '--losses', 'fm'),
                                  ['fewer than one batch']),
     'train-missing-teacher': (lambda w, c: _train(w, c, '--teacher', os.path.join(w.root, 'nope.pt')),
-                              ['does not exist']),
-    'train-truncated-teacher': (lambda w, c: _train(w, c, '--teacher', w.trunc), ['cannot read']),
+                              ['--teacher', 'no such checkpoint']),
+    'train-truncated-teacher': (lambda w, c: _train(w, c, '--teacher', w.trunc), ['--teacher', 'cannot be read']),
     'train-not-ours-teacher': (lambda w, c: _train(w, c, '--teacher', w.foo), ['not a teacher checkpoint']),
     'train-other-preset-teacher': (lambda w, c: _train(w, c, '--teacher', w.small), ['does not fit']),
     'train-not-ours-resume': (lambda w, c: _train(w, c, '--resume', w.foo, '--losses', 'fm'),
                               ['not a decm checkpoint']),
-    'train-truncated-resume': (lambda w, c: _train(w, c, '--resume', w.trunc, '--losses', 'fm'), ['cannot read']),
+    'train-truncated-resume': (lambda w, c: _train(w, c, '--resume', w.trunc, '--losses', 'fm'),
+                               ['--resume', 'cannot be read']),
     'train-teacher-as-resume': (lambda w, c: _train(w, c, '--teacher', w.T, '--resume', w.T),
                                 ['--teacher, not --resume']),
     'train-resume-other-shape': (lambda w, c: _train(w, c, '--data', w.twoch, '--resume', w.T, '--losses', 'fm'),
@@ -889,9 +903,9 @@ CASES = {
     'train-bomb-teacher': (lambda w, c: _train(w, c, '--teacher', w.bomb), ['safely']),
     'train-object-resume': (lambda w, c: _train(w, c, '--resume', w.obj, '--losses', 'fm'), ['safely']),
     'sample-missing-ckpt': (lambda w, c: _sample(w, c, '--ckpt', os.path.join(w.root, 'nope.pt')),
-                            ['does not exist']),
+                            ['--ckpt', 'no such checkpoint']),
     'sample-folder-without-latest': (lambda w, c: _sample(w, c, '--ckpt', w.empty), ['latest']),
-    'sample-truncated-ckpt': (lambda w, c: _sample(w, c, '--ckpt', w.trunc), ['cannot read']),
+    'sample-truncated-ckpt': (lambda w, c: _sample(w, c, '--ckpt', w.trunc), ['--ckpt', 'cannot be read']),
     'sample-not-ours-ckpt': (lambda w, c: _sample(w, c, '--ckpt', w.foo), ['not a teacher checkpoint']),
     'sample-object-ckpt': (lambda w, c: _sample(w, c, '--ckpt', w.obj), ['safely']),
     'sample-bomb-ckpt': (lambda w, c: _sample(w, c, '--ckpt', w.bomb), ['safely']),
@@ -1027,7 +1041,7 @@ def test_weights_only_refusal_runs_no_code(w, matrix):
     for case in ('train-object-teacher', 'train-sneaky-teacher', 'train-bomb-teacher', 'train-object-resume',
                  'sample-object-ckpt', 'sample-bomb-ckpt'):
         rc, out, err = matrix[case]
-        line = assert_one_error(rc, err, ['cannot read checkpoint', 'safely'], case)
+        line = assert_one_error(rc, err, ['cannot be read safely as a checkpoint'], case)
     assert not os.path.exists(w.marker), 'unpickling ran code from the checkpoint'
     for p in (w.obj, w.sneaky, w.bomb):
         with pytest.raises(ValueError, match='safely'):
@@ -1762,7 +1776,7 @@ def imagenet_latents(root, shards=(24, 8), C=32, H=4, classes=10):
     return stats
 
 
-def sampled_in_process(ckpt, sampler, nfe, n, batch, preset='XL/1', **flags):
+def sampled_in_process(ckpt, sampler, nfe, n, batch, preset=None, **flags):
     """What sample.py --ckpt CKPT writes before decoding, computed here: the sampler's output (seed 0) and labels."""
     model, _, _ = sample.load_model(ckpt, preset=preset)
     xs, ys, _ = sample.generate(model, sampler, n, nfe, model.num_classes, 0, batch,
@@ -1967,7 +1981,7 @@ def test_end_to_end_imagenet_format(tmp_path, weights):
     try:
         torch.set_num_threads(1)                               # the subprocesses' arithmetic
         for folder, ckpt, sampler, nfe, preset, flags in [
-                ('s_decm', killed_dir, 'cm', 2, 'XL/1', {}),
+                ('s_decm', killed_dir, 'cm', 2, None, {}),
                 ('s_tea', tea, 'teacher', 3, 'tiny', dict(cfg=6.7, cfg_interval_start=0.125, shift=0.3, cfg_channels=3))]:
             with np.load(os.path.join(root, folder, 'samples.npz')) as f:
                 images, labels = f['arr_0'], f['arr_1']
@@ -2046,6 +2060,67 @@ CLI_CASES = {
                                                            '--eval-every', '1'), ['--eval-every', '--vae']),
 }
 CASES.update(CLI_CASES)
+
+# A flag that would not act is refused, naming it; every checkpoint error names the flag that gave the path
+SAYS_CASES = {
+    'train-missing-resume': (lambda w, c: _train(w, c, '--resume', os.path.join(w.root, 'bogus')),
+                             ['--resume', 'bogus: no such checkpoint']),
+    'train-teacher-folder-without-latest': (lambda w, c: _train(w, c, '--teacher', w.empty), ['--teacher', 'latest']),
+    'train-preset-with-our-teacher': (lambda w, c: _train(w, c, '--teacher', w.T, '--preset', 'small'),
+                                      ['--teacher', 'preset tiny', '--preset small', 'drop --preset']),
+    'train-preset-other-than-resumed': (lambda w, c: _train(w, c, '--resume', w.T, '--losses', 'fm', '--preset',
+                                                            'small'), ['--preset small', 'preset tiny']),
+    'sample-default-ckpt-missing': (lambda w, c: ['sample.py', '--out', os.path.join(w.root, 'samples', c)],
+                                    ['--ckpt runs/decm', 'no such checkpoint']),
+    'sample-decm-cfg': (lambda w, c: _sample(w, c, '--ckpt', w.decm, '--cfg', '7'), ['--cfg 7', 'teacher', 'DE-CM']),
+    'sample-decm-guidance': (lambda w, c: _sample(w, c, '--ckpt', w.decm, '--guidance', 'apg'), ['--guidance apg']),
+    'sample-decm-shift': (lambda w, c: _sample(w, c, '--ckpt', w.decm, '--shift', '0.3'), ['--shift 0.3']),
+    'sample-decm-eta': (lambda w, c: _sample(w, c, '--ckpt', w.decm, '--eta', '0.1'), ['--eta 0.1']),
+    'sample-mix-det-without-mix': (lambda w, c: _sample(w, c, '--ckpt', w.decm, '--nfe', '4', '--mix-det', '1'),
+                                   ['--mix-det 1', 'Mix sampler']),
+    'sample-mix-t-without-mix': (lambda w, c: _sample(w, c, '--ckpt', w.decm, '--mix-t', '0.3'), ['--mix-t 0.3']),
+    'sample-euler-and-mix': (lambda w, c: _sample(w, c, '--ckpt', w.decm, '--sampler', 'euler', '--mix'),
+                             ['--mix', '--sampler euler']),
+    'sample-teacher-mix': (lambda w, c: _sample(w, c, '--mix'), ['--mix:', 'is a teacher']),
+    'sample-teacher-sampler': (lambda w, c: _sample(w, c, '--sampler', 'euler'), ['--sampler euler', 'teacher']),
+    'sample-teacher-eta-without-apg': (lambda w, c: _sample(w, c, '--eta', '0.1'), ['--eta 0.1', '--guidance apg']),
+    'sample-teacher-cfg-channels-with-apg': (lambda w, c: _sample(w, c, '--guidance', 'apg', '--cfg-channels', '3'),
+                                             ['--cfg-channels 3', 'plain CFG']),
+    'sample-preset-with-ours': (lambda w, c: _sample(w, c, '--preset', 'small'), ['--ckpt', '--preset small']),
+    'fid-png-as-samples': (lambda w, c: ['fid.py', w.png, w.images], ['one.png', 'neither a folder']),
+    'fid-nan-statistics': (lambda w, c: ['fid.py', w.nanstats, w.okstats], ['nan_stats.npz', 'non-finite']),
+    'fid-inception-not-weights': (lambda w, c: ['fid.py', w.images, w.images, '--inception', 'README.md'],
+                                  ['README.md', 'is not the FID Inception weights file']),
+    'fid-pixel-with-inception': (lambda w, c: ['fid.py', w.images, w.images, '--pixel', '--inception', 'x'],
+                                 ['--pixel']),
+    'fid-pixel-without-ref': (lambda w, c: ['fid.py', w.images, '--pixel'], ['--pixel']),
+}
+CASES.update(SAYS_CASES)
+
+
+@pytest.mark.parametrize('case', list(SAYS_CASES))
+def test_a_flag_that_would_not_act_is_refused_by_name(case, matrix, w):
+    rc, out, err = matrix[case]
+    line = assert_one_error(rc, err, SAYS_CASES[case][1], case)
+    assert 'weights_only=False' not in line                    # never the advice to load unsafely
+    assert not os.path.exists(os.path.join(w.root, 'samples', case, 'samples.npz')), 'sampled before the check'
+
+
+def test_every_command_ends_with_a_line_naming_what_it_wrote(w, tmp_path):
+    """train.py, sample.py and fid.py --pixel, run as a user would: the last line names the folder and files; a
+    bare DE-CM call says it runs with no teacher; fid.py --pixel gives the very FD sample.py printed."""
+    out = str(tmp_path / 'run')
+    rc, so, se = run_cli(['train.py', '--data', w.D, '--out', out, '--steps', '1', '--batch', '16', '--threads', '1'])
+    assert rc == 0 and so.strip().splitlines()[-1] == f'train: wrote {out}/ (checkpoint ckpt_0000001.pt, log.jsonl)', so
+    assert 'with no teacher, from scratch' in so and '--teacher RUN' in so
+    s = str(tmp_path / 's')
+    rc, so, se = run_cli(['sample.py', '--ckpt', w.decm, '--nfe', '2', '--num-samples', '40', '--fd-ref', w.D,
+                          '--out', s, '--threads', '1'])
+    assert rc == 0 and so.strip().splitlines()[-1] == f'sample: wrote {s}/ (samples.npz, grid.png)', so
+    fd = float(re.search(r'^FD: ([\d.]+)', so, re.M).group(1))
+    rc, so, se = run_cli(['fid.py', os.path.join(s, 'samples.npz'), w.D, '--pixel', '--threads', '1'])
+    pixel = float(re.search(r'^pixel FD: ([\d.]+)', so, re.M).group(1))
+    assert rc == 0 and abs(pixel - fd) < 1e-3, (pixel, fd, so, se)      # the same samples, the same reference
 
 
 @pytest.mark.parametrize('case', list(CLI_CASES))

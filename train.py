@@ -26,7 +26,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 import losses
-from fid import pixel_fd, cli_parser, bounded, device_flag, set_threads
+from fid import pixel_fd, cli_parser, bounded, device_flag, set_threads, flagged, run_cli
 from model import DiT, PRESETS, student_from_teacher, load_dit_state, load_vavae_decoder, decode_to_uint8, to_uint8
 from model import save_grid, plot_curves
 from sample import BUILTIN_DIR, setup_distributed, make_out, generate, latest_checkpoint
@@ -389,11 +389,13 @@ def train(args):
     if args.eval_every and C not in (1, 3) and not args.vae:
         raise ValueError(f'--eval-every on latents of shape {(C, H, W)} needs --vae PATH to decode the samples')
     resume = latest_checkpoint(args.out) if args.resume == 'auto' else (args.resume or None)
-    ckpt = load_student_checkpoint(resume) if resume else None
+    ckpt = flagged('--resume', load_student_checkpoint, resume) if resume else None
+    if ckpt is not None and args.preset not in (None, ckpt['model_config']['preset']):
+        raise ValueError(f'--preset {args.preset}: --resume {resume} is a run of preset {ckpt["model_config"]["preset"]}')
     if ckpt is not None and args.loss_set != ['fm'] and not ckpt['model_config'].get('s_embed', True):
         raise ValueError(f'--resume {resume}: a teacher checkpoint (no s input): give it as --teacher, not --resume')
     torch.manual_seed(args.seed)                               # Alg.1 l.1: F_theta <- F_tea, F_ema <- F_theta
-    teacher = load_teacher(args.teacher, preset=args.preset or 'XL/1', device=dev) if args.teacher != 'none' else None
+    teacher = flagged('--teacher', load_teacher, args.teacher, args.preset, device=dev) if args.teacher != 'none' else None
     student = student_from_teacher(teacher) if teacher else DiT(args.preset or 'tiny', C, H, labels[1] + 1,
                                                                  s_embed=args.loss_set != ['fm']).to(dev)
     student = load_dit_state(DiT(**ckpt['model_config']), ckpt['model'], resume).to(dev) if ckpt else student
@@ -401,9 +403,7 @@ def train(args):
     if (cfg['in_channels'], cfg['input_size']) != (C, H) or labels[0] < 0 or labels[1] >= cfg['num_classes']:
         raise ValueError(f'the data has shape {(C, H, W)} and labels in [{labels[0]}, {labels[1]}], the model takes '
                          f'{cfg["in_channels"]} x {cfg["input_size"]} x {cfg["input_size"]}, {cfg["num_classes"]} classes')
-    ema = DiT(**cfg).to(dev)
-    ema.load_state_dict(ckpt['ema'] if ckpt else student.state_dict())
-    ema.requires_grad_(False)
+    ema = load_dit_state(DiT(**cfg), ckpt['ema'] if ckpt else student.state_dict(), resume).to(dev).requires_grad_(False)
     for p in list(student.parameters()) + list(ema.parameters()) if world > 1 else []:
         dist.broadcast(p.data, 0)                              # identical start on every rank
     opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, args.beta2),
@@ -431,6 +431,7 @@ def train(args):
     old_handlers = {s: signal.signal(s, lambda n, f: stop.update(signal=n)) for s in (signal.SIGINT, signal.SIGTERM)}
     if rank == 0:
         what = 'teacher (flow matching) training' if not teacher and args.loss_set == ['fm'] else 'DE-CM (Algorithm 1)'
+        what += ' with no teacher, from scratch (v = x_ref - z; --teacher RUN distils one)' * (not teacher and what[0] == 'D')
         print(f'decm: {what}: losses {args.losses}' + f' (N2N every {args.freq})' * ('n2n' in args.loss_set) + f'; teacher '
               f'{args.teacher}; student {cfg["preset"]}, {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M parameters\n'
               f'decm: data {data}: {len(ds)} items of shape {ds.shape}; batch {args.batch} = {world} rank(s) x '
@@ -483,17 +484,14 @@ def train(args):
                 print(f'\nstopped by {signal.Signals(stop["signal"]).name} at step {step}; checkpoint {last_good}')
             break
     bar.close()
-    for sig, handler in old_handlers.items():                 # in-process callers (tests)
-        signal.signal(sig, handler)
+    if rank == 0: print(f'train: wrote {args.out}/ (checkpoint {os.path.basename(last_good or "none")}, log.jsonl'
+                        + ', samples/, curves.png' * bool(evaluator) + ')')
+    for sig, handler in old_handlers.items(): signal.signal(sig, handler)   # in-process callers (tests)
     if world > 1: dist.destroy_process_group()   # the last all_gather of the RNG states synchronised the ranks
     return student, ema, last_good
 
 def main(argv=None):
-    try:
-        train(parse_args(argv))
-    except ValueError as e:
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
+    run_cli(lambda: train(parse_args(argv)))
 
 if __name__ == '__main__':
     main()

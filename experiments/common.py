@@ -153,7 +153,10 @@ def outside_noise(a_vals, b_vals):
 
 def ordering(first, second):
     """'better' / 'worse' (first against second, lower FD is better) when the difference of the means is
-    outside the noise (outside_noise), else 'within noise'."""
+    outside the noise (outside_noise), else 'within noise'; 'n/a (one seed)' when there is no noise to test
+    against (fewer than 2 seeds)."""
+    if len(first) < 2:
+        return 'n/a (one seed)'
     if not outside_noise(first, second):
         return 'within noise'
     return 'better' if mean_sd(first)[0] < mean_sd(second)[0] else 'worse'
@@ -255,7 +258,7 @@ def check_run(out, argv, steps):
 
 
 # ----------------------------------------------------------------------------- the pipeline's runs
-def add_run_flags(p, runs):
+def add_run_flags(p, runs, w_cfg=2.0):
     """The flags pipeline.py and study.py share: their runs, the teacher, the DE-CM runs, the FD."""
     p.add_argument('--runs', default=runs, help='folder for the runs, their logs and the FD cache')
     p.add_argument('--data', default=None, help='latents folder for training and for the real images '
@@ -272,8 +275,8 @@ def add_run_flags(p, runs):
     p.add_argument('--decm-batch', type=int, default=64, help='DE-CM batch size')
     p.add_argument('--decm-lr', type=float, default=1e-3, help='DE-CM learning rate (the study: 1e-3 beats 3e-4 '
                    'beyond the seed noise)')
-    p.add_argument('--w-cfg', type=float, default=2.0, help='CFG weight of the distilled velocity (and of '
-                   'the distilled-velocity teacher baseline)')
+    p.add_argument('--w-cfg', type=float, default=w_cfg, help='CFG weight of the distilled velocity (and of '
+                   'the distilled-velocity teacher baseline)' + ('' if w_cfg else '; default: the best of --apg-sweep'))
     p.add_argument('--eta', type=float, default=0.05, help='APG eta of the distilled velocity (train.py --eta)')
     p.add_argument('--cfg-sweep', type=float, nargs='+', default=[1.0, 1.25, 1.5, 2.0],
                    help='plain-CFG weights of the teacher baselines at 50 steps')
@@ -281,6 +284,8 @@ def add_run_flags(p, runs):
     p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2], help='seeds (training and sampling)')
     p.add_argument('--jobs', type=int, default=1, help='runs trained at a time, as subprocesses of one '
                    'thread each (a GPU or a many-core machine; 1: one after the other)')
+    p.add_argument('--threads', type=bounded(int, 0), default=0, help='torch.set_num_threads of this process and '
+                   'of the runs trained one at a time (0: one per core; 1 on a busy machine)')
 
 
 def teacher_rows(w_cfg, sweep):
@@ -299,7 +304,12 @@ def decm_argv(a, teacher_ckpt, out, seed, steps):
         (['--data', a.data] if a.data else []) + \
         (['--ema-warmup'] if getattr(a, 'ema_warmup', False) else ['--no-ema-warmup']) + \
         ['--r-max', str(getattr(a, 'decm_r_max', 0.05))] + \
+        threads_flag(a) + \
         (['--schedule', a.decm_schedule] if getattr(a, 'decm_schedule', None) else []) + list(a.extra)
+
+
+def threads_flag(a):
+    return ['--threads', str(a.threads)] if getattr(a, 'threads', 0) else []
 
 
 def train_teacher(a):
@@ -310,21 +320,21 @@ def train_teacher(a):
         run_train(['--seed', str(a.teacher_seed), '--batch', str(a.batch), '--losses', 'fm', '--teacher', 'none',
                    '--out', teacher_dir, '--steps', str(a.teacher_steps), '--lr', str(a.teacher_lr),
                    '--device', a.device, '--amp', a.amp, '--resume', 'auto', '--no-ema-warmup'] +
-                  (['--data', a.data] if a.data else []))
+                  (['--data', a.data] if a.data else []) + threads_flag(a))
     ckpt = train.latest_checkpoint(teacher_dir)
     if ckpt is None:
         raise ValueError(f'--runs {a.runs}: no teacher in {teacher_dir} (drop --skip-teacher to train one)')
     return teacher_dir, ckpt
 
 
-def teacher_fds(a, teacher_dir, seeds, dev, cache, cache_path, panels=None):
-    """FD of every teacher row for every sampling seed (cached in cache_path); the grids of the first seed's
-    distilled-velocity rows go to panels."""
+def teacher_fds(a, teacher_dir, seeds, dev, cache, cache_path, panels=None, rows=None):
+    """FD of every teacher row (default: teacher_rows) for every sampling seed (cached in cache_path); the grids
+    of the first seed's APG rows go to panels."""
     teacher, stats, _ = sample.load_model(teacher_dir, dev)
     out = {}
     for seed in seeds:
         real = real_pixels(a.n, a.data, seed=100 + seed)[0]
-        for name, guidance, w, steps in teacher_rows(a.w_cfg, a.cfg_sweep):
+        for name, guidance, w, steps in rows or teacher_rows(a.w_cfg, a.cfg_sweep):
             key = f'{name}|{steps}|{seed}|{a.n}'
             need_grid = panels is not None and seed == seeds[0] and guidance == 'apg'
             if key not in cache or need_grid:

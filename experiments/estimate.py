@@ -83,8 +83,10 @@ def estimate(a):
         f'`--no-fused` or a smaller per-GPU batch with more GPUs if that does not fit).',
         f'Command: {a.command}']
     os.makedirs(a.results, exist_ok=True)
-    write_atomic(os.path.join(a.results, 'estimate.md'), '\n'.join(lines) + '\n')
+    out = os.path.join(a.results, 'estimate.md')
+    write_atomic(out, '\n'.join(lines) + '\n')
     print('\n'.join(lines))
+    print(f'estimate: wrote {out}')
 
 
 def build_parser():

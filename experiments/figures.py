@@ -125,7 +125,7 @@ FIGURES = {'study': study_png, 'study_long': study_long_png, 'study_schedule': s
 def figures(a):
     for name in a.only:
         FIGURES[name](a.results)
-        print(os.path.join(a.results, name + '.png'))
+    print(f'figures: wrote {", ".join(os.path.join(a.results, name + ".png") for name in a.only)}')
 
 
 def build_parser():

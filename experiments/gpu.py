@@ -218,6 +218,7 @@ def largest_batch(fits, cap, deadline, tried=None):
 def gpu(a):
     """The XL/1 passes on the GPU (see gpu_report for the table)."""
     t_start = time.perf_counter()
+    common.set_threads(a.threads)
     dev = common.resolve_device(a.device)
     if dev.type == 'cuda' and not torch.cuda.is_available():
         raise ValueError('--device cuda: no CUDA device is visible (give --device cpu for a dry run)')
@@ -374,6 +375,7 @@ def gpu(a):
     info['total_s'] = time.perf_counter() - t_start
     bar.close()
     print(report())
+    print(f'gpu: wrote {os.path.join(a.results, "gpu.md")}, {os.path.join(a.results, "gpu.json")}')
 
 
 def gpu_report(results, info, rows):
@@ -436,6 +438,8 @@ def build_parser():
     p.add_argument('--no-compile', dest='compile', action='store_false', help='skip the torch.compile rows')
     p.add_argument('--amp', action='store_true', help='bf16 autocast on CPU too (on CUDA it is always on)')
     p.add_argument('--seed', type=int, default=0, help='seed of the random weights and data')
+    p.add_argument('--threads', type=common.bounded(int, 0), default=0, help='torch.set_num_threads (0: leave the '
+                   'default; a CPU dry run on a busy machine: 1)')
     p.add_argument('--results', default=common.RESULTS, help='folder for gpu.md and gpu.json')
     return p
 

@@ -116,9 +116,11 @@ def jvp_dtype(a):
                      f'{(first["bf16"] - first["fp32"]) / first["fp32"]:+.2%} | {m["fp32"]:.4f} | {m["bf16"]:.4f} | '
                      f'{(m["bf16"] - m["fp32"]) / m["fp32"]:+.1%} |')
     lines += ['', f'Command: {a.command}']
-    write_atomic(os.path.join(a.results, 'jvp_dtype.md'), '\n'.join(lines) + '\n')
-    write_atomic(os.path.join(a.results, 'jvp_dtype.json'), json.dumps(dict(errors=raw, curves=curves), indent=1) + '\n')
+    outs = [os.path.join(a.results, f) for f in ('jvp_dtype.md', 'jvp_dtype.json')]
+    write_atomic(outs[0], '\n'.join(lines) + '\n')
+    write_atomic(outs[1], json.dumps(dict(errors=raw, curves=curves), indent=1) + '\n')
     print('\n'.join(lines))
+    print(f'jvp_dtype: wrote {", ".join(outs)}; the teacher run in {teacher_dir}/')
 
 
 def build_parser():
@@ -131,7 +133,8 @@ def build_parser():
     p.add_argument('--steps', type=int, default=60, help='DE-CM iterations of each short run')
     p.add_argument('--batch', type=int, default=64, help='batch size of the teacher and the short runs')
     p.add_argument('--runs', default='runs/jvp-dtype', help='folder for the teacher run')
-    p.add_argument('--threads', type=int, default=0, help='torch.set_num_threads (0: leave the default)')
+    p.add_argument('--threads', type=common.bounded(int, 0), default=0, help='torch.set_num_threads (0: leave the '
+                   'default)')
     p.add_argument('--results', default=common.RESULTS, help='folder for jvp_dtype.md and jvp_dtype.json')
     return p
 

@@ -66,6 +66,7 @@ def mix_sweep(a):
                  ', '.join(f'{b:.3f}' for b in base) + f' from {a.teacher_fd}; mean of the per-seed ratios +- sd; '
                  '"worse"/"better": the paired difference is beyond twice its standard error):', ''] + ratio_rows
     print('\n'.join(rows))
+    print('mix: wrote no file (the table is above)')
 
 
 def build_parser():

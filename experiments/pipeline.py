@@ -1,14 +1,14 @@
-"""The miniature pipeline of the paper on the built-in digits, over seeds.
+"""The miniature pipeline of the paper (built-in digits, or --data), over seeds, against the teacher's best.
 
-    python experiments/pipeline.py [--decm-steps 800] [--seeds 0 1 2] [--jobs 3] [--publish]
+    python experiments/pipeline.py [--data data/uci_digits --n 850] [--decm-steps 800] [--seeds 0 1 2] [--jobs 3]
 
-Builds the data, trains a flow-matching teacher (train.py --losses fm --teacher none), distils DE-CM from it
-with each seed, then scores the teacher baselines (the distilled velocity, APG, at 1 and 50 steps; plain CFG
-at 50 steps for each --cfg-sweep weight) and DE-CM's samplers (CM at 1, 2, 4 NFE; Mix at 4) by pixel FD.
-Writes RUNS/pipeline.md (FD table, mean +- sd over seeds, ratios to each baseline and the paired noise
-test), RUNS/pipeline.json and RUNS/pipeline.png (sample grids of the first seed); --publish copies them into
---results (experiments/results). Seed s trains DE-CM with seed s and samples every row with noise seed s
-against real subset s. Runs resume (--resume auto).
+Builds the data, trains a flow-matching teacher (train.py --losses fm --teacher none), sweeps its guidance at
+50 Euler steps (APG, the rule train.py distils, at each --apg-sweep weight; plain CFG at each --cfg-sweep
+weight), distils DE-CM with each seed from the best APG setting (or --w-cfg), then scores DE-CM's samplers (CM
+at 1, 2, 4 NFE; Mix at 4) by pixel FD against the teacher's best setting of all swept. Writes RUNS/pipeline.md
+(FD table, mean +- sd over seeds, ratios and the paired noise test), RUNS/pipeline.json and RUNS/pipeline.png
+(sample grids of the first seed); --publish copies them into --results (experiments/results). Seed s trains
+DE-CM with seed s and samples every row with noise seed s against real subset s. Runs resume (--resume auto).
 """
 import json
 import os
@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import common  # noqa: E402
 import sample  # noqa: E402
 import torch  # noqa: E402
+import train  # noqa: E402
 from common import fd_of, mean_sd, pm, write_atomic  # noqa: E402
 from fid import pixel_fd  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -27,23 +28,50 @@ from tqdm import tqdm  # noqa: E402
 
 def pipeline(a):
     common.at_least(a, ('n', 'jobs', 'teacher_steps', 'batch', 'decm_batch', 'decm_steps'))
+    common.set_threads(a.threads)
     t0 = time.time()
     dev = common.resolve_device(a.device)
+    n_real = len(train.LatentFolder(a.data or sample.BUILTIN_DIR, flag='--data')) if a.data else 2 * a.n
+    if 2 * a.n > n_real:
+        raise ValueError(f'--n {a.n}: the floor (two sets of real data) needs 2 x {a.n} images, --data has '
+                         f'{n_real}: give --n {n_real // 2} or less')
     os.makedirs(a.runs, exist_ok=True)
     teacher_dir, teacher_ckpt = common.train_teacher(a)
     t1 = time.time()
+
+    # The teacher at 50 steps on every guidance setting swept: APG (the rule train.py distils) and plain CFG.
+    cache_path = os.path.join(a.runs, 'fd.json')
+    cache = common.load_json(cache_path)
+    sweep = [(f'teacher, APG w = {w:g} (eta {a.eta:g})', 'apg', w, 50) for w in a.apg_sweep] + \
+        [(f'teacher, plain CFG w = {w:g}', 'cfg', w, 50) for w in a.cfg_sweep]
+    fds = {}                                                   # (row, nfe) -> [fd per seed]
+    for (name, steps, _), v in common.teacher_fds(a, teacher_dir, a.seeds, dev, cache, cache_path,
+                                                  rows=sweep).items():
+        fds.setdefault((name, steps), []).append(v)
+    apg_rows = [(w, fds[name, 50]) for name, g, w, _ in sweep if g == 'apg']
+    best_apg_w = min(apg_rows, key=lambda r: mean_sd(r[1])[0])[0]
+    given, w_cfg = a.w_cfg, best_apg_w if a.w_cfg is None else a.w_cfg
+    a.w_cfg = w_cfg                                            # the DE-CM runs distil this velocity
+    if cache.get('w_cfg', w_cfg) != w_cfg:                     # the distilled rows of another w are stale
+        cache = {k: v for k, v in cache.items() if not k.startswith(common.APG_KEY)}
+    cache['w_cfg'] = w_cfg
+    for s in a.seeds:                                          # the 50-step row is a swept one if w is
+        same = f'teacher, APG w = {w_cfg:g} (eta {a.eta:g})|50|{s}|{a.n}'
+        if same in cache and s != a.seeds[0]:
+            cache.setdefault(f'{common.APG_KEY}|50|{s}|{a.n}', cache[same])
+    distilled = [(common.APG_KEY, 'apg', w_cfg, 1), (common.APG_KEY, 'apg', w_cfg, 50)]
+    panels = []
+    for (name, steps, _), v in common.teacher_fds(a, teacher_dir, a.seeds, dev, cache, cache_path, panels,
+                                                  rows=distilled).items():
+        fds.setdefault((name, steps), []).append(v)
+    t2 = time.time()
+
     decm_dirs = {s: os.path.join(a.runs, f'decm-s{s}') for s in a.seeds}
     jobs = [common.decm_argv(a, teacher_ckpt, decm_dirs[s], s, a.decm_steps) for s in a.seeds]
     jobs = [argv for argv in jobs if not common.check_run(argv[argv.index('--out') + 1], argv, a.decm_steps)]
     common.train_all(jobs, a.jobs, os.path.join(a.runs, 'logs', 'pipeline'), 'DE-CM run')
-    t2 = time.time()
+    t3 = time.time()
 
-    cache_path = os.path.join(a.runs, 'fd.json')
-    cache = common.load_json(cache_path)
-    panels = []
-    fds = {}                                                   # (row, nfe) -> [fd per seed]
-    for k, v in common.teacher_fds(a, teacher_dir, a.seeds, dev, cache, cache_path, panels).items():
-        fds.setdefault(k[:2], []).append(v)
     decm_rows = [('DE-CM, CM sampler', 'cm', 1), ('DE-CM, CM sampler', 'cm', 2), ('DE-CM, CM sampler', 'cm', 4),
                  ('DE-CM, Mix sampler', 'mix', 4)]
     for seed in tqdm(a.seeds, desc='pipeline: DE-CM samplers', dynamic_ncols=True):
@@ -64,59 +92,67 @@ def pipeline(a):
             fds.setdefault((name, nfe), []).append(cache[key])
         if seed == a.seeds[0]:
             panels.insert(0, common.panel('real data', real, real_y[:a.n]))
-    t3 = time.time()
+    t4 = time.time()
 
     apg50 = fds[common.APG_KEY, 50]
-    cfg_rows = [(w, fds[f'teacher, plain CFG w = {w:g}', 50]) for w in a.cfg_sweep]
-    best_w, best_cfg = min(cfg_rows, key=lambda r: mean_sd(r[1])[0])
-    base = [('the distilled-velocity teacher at 50 steps', apg50), (f'the best plain-CFG teacher at 50 steps '
-            f'(w = {best_w:g})', best_cfg)]
-    strongest_name, strongest = min(base, key=lambda b: mean_sd(b[1])[0])
-    lines = [f'# The miniature pipeline: {len(a.seeds)} seed(s) {a.seeds}, {a.n} samples per FD', '',
+    strongest_name, strongest = min([(name, fds[name, 50]) for name, *_ in sweep], key=lambda b: mean_sd(b[1])[0])
+    one_seed = len(a.seeds) < 2
+    lines = [f'# The miniature pipeline: {len(a.seeds)} seed(s) {a.seeds}, {a.n} samples per FD, data '
+             f'{a.data or "built-in digits"}', '',
              '| model / sampler | NFE | pixel FD (mean +- sd over seeds) | per seed |', '|---|---|---|---|']
     for (name, nfe), vals in fds.items():
-        lines.append(f'| {name} | {nfe} | {pm(vals)} | {", ".join(f"{v:.2f}" for v in vals)} |')
-    lines += ['', f'Ratios of DE-CM to each baseline (mean of the per-seed ratios +- sd; the strongest '
-              f'baseline is {strongest_name}, {pm(strongest)}):', '',
-              '| DE-CM sampler | NFE | / distilled-velocity teacher, 50 steps | / best plain CFG, 50 steps | '
-              'differs from the strongest beyond noise? |', '|---|---|---|---|---|']
+        label = name.replace('(APG)', f'(APG w = {w_cfg:g}, eta {a.eta:g})')
+        lines.append(f'| {label} | {nfe} | {pm(vals)} | {", ".join(f"{v:.2f}" for v in vals)} |')
+    lines += ['', f'The teacher\'s best setting at 50 steps of all swept (APG w {a.apg_sweep} at eta {a.eta:g}; plain '
+              f'CFG w {a.cfg_sweep}; lowest mean FD): {strongest_name}, {pm(strongest)}. DE-CM distils APG w = '
+              f'{w_cfg:g}' + (' (the best APG setting swept).' if given is None else ' (--w-cfg).'), '',
+              'Ratios of DE-CM to the teacher (mean of the per-seed ratios +- sd):', '',
+              '| DE-CM sampler | NFE | / distilled-velocity teacher, 50 steps | / the teacher\'s best setting, 50 steps '
+              '| differs from the teacher\'s best beyond noise? |', '|---|---|---|---|---|']
     ratios = {}
     for name, smp, nfe in decm_rows:
         vals = fds[name, nfe]
         ratios[smp, nfe] = [v / b for v, b in zip(vals, strongest)]
         verdict = common.ordering(vals, strongest)
-        lines.append(f'| {name} | {nfe} | {pm([v / b for v, b in zip(vals, apg50)], 3)} | '
-                     f'{pm([v / b for v, b in zip(vals, best_cfg)], 3)} | '
-                     f'{"no" if verdict == "within noise" else "yes: " + verdict} |')
+        lines.append(f'| {name} | {nfe} | {pm([v / b for v, b in zip(vals, apg50)], 3)} | {pm(ratios[smp, nfe], 3)} | '
+                     + ('n/a (one seed: no test)' if one_seed else 'no' if verdict == 'within noise' else
+                        'yes: ' + verdict) + ' |')
     r1 = mean_sd(ratios['cm', 1])[0]
-    lines += ['', f'Headline: DE-CM at 1 NFE is {r1:.3f}x the FD of the strongest teacher baseline '
+    lines += ['', f'Headline: DE-CM at 1 NFE is {r1:.3f}x the FD of the teacher\'s best setting '
               f'({strongest_name}). "Beyond noise": the mean of the per-seed differences (paired by seed) is more '
-              f'than twice its standard error over the {len(a.seeds)} seeds; the floor (two sets of real data) is '
-              f'{pm(fds["two sets of real data", "-"])}.',
+              f'than twice its standard error over the {len(a.seeds)} seed(s) (one seed: no test); the floor (two '
+              f'sets of real data) is {pm(fds["two sets of real data", "-"])}.',
               f'Settings: teacher {a.teacher_steps} flow-matching iterations (batch {a.batch}, lr {a.teacher_lr:g}, '
               f'seed {a.teacher_seed}); DE-CM {a.decm_steps} iterations per seed (batch {a.decm_batch}, lr '
-              f'{a.decm_lr:g}, w_cfg {a.w_cfg:g}, eta {a.eta:g}{", EMA warm-up" if a.ema_warmup else ""}, '
+              f'{a.decm_lr:g}, w_cfg {w_cfg:g}, eta {a.eta:g}{", EMA warm-up" if a.ema_warmup else ""}, '
               f'r_max {a.decm_r_max:g}, t schedule {a.decm_schedule}{", " + " ".join(a.extra) if a.extra else ""}); '
               f'the Mix sampler switches at t = {a.mix_t:g} after 2 flow-map steps; '
               f'seed s trains DE-CM with seed s and samples every row with noise seed s against real subset s.',
-              f'Time: teacher {t1 - t0:.0f} s, DE-CM {t2 - t1:.0f} s ({a.jobs} at a time), sampling and FD '
-              f'{t3 - t2:.0f} s; total {t3 - t0:.0f} s on {dev} ({torch.get_num_threads()} threads).',
+              f'Time: teacher {t1 - t0:.0f} s, guidance sweep {t2 - t1:.0f} s, DE-CM {t3 - t2:.0f} s ({a.jobs} at a '
+              f'time), DE-CM sampling and FD {t4 - t3:.0f} s; total {t4 - t0:.0f} s on {dev} '
+              f'({torch.get_num_threads()} threads).',
               f'Command: {a.command}']
-    write_atomic(os.path.join(a.runs, 'pipeline.md'), '\n'.join(lines) + '\n')
-    write_atomic(os.path.join(a.runs, 'pipeline.json'), json.dumps(
+    outs = [os.path.join(a.runs, f) for f in ('pipeline.md', 'pipeline.json', 'pipeline.png')]
+    write_atomic(outs[0], '\n'.join(lines) + '\n')
+    write_atomic(outs[1], json.dumps(
         {'fd': [{'row': n, 'nfe': k, 'fd': v} for (n, k), v in fds.items()], 'seeds': a.seeds, 'n': a.n,
-         'strongest': strongest_name, 'ratio_cm1': r1}, indent=1) + '\n')
-    common.save_grid(os.path.join(a.runs, 'pipeline.png'), panels)
+         'data': a.data, 'w_cfg': w_cfg, 'eta': a.eta, 'strongest': strongest_name, 'ratio_cm1': r1,
+         'ratios': {f'{s}{k}': v for (s, k), v in ratios.items()}}, indent=1) + '\n')
+    common.save_grid(outs[2], panels)
     if a.publish:
         os.makedirs(a.results, exist_ok=True)
-        for f in ('pipeline.md', 'pipeline.json', 'pipeline.png'):
-            shutil.copyfile(os.path.join(a.runs, f), os.path.join(a.results, f))
+        for f in outs:
+            shutil.copyfile(f, os.path.join(a.results, os.path.basename(f)))
     print('\n'.join(lines))
+    print(f'pipeline: wrote {", ".join(outs)}' + (f' (copied to {a.results}/)' if a.publish else '') +
+          f'; checkpoints in {teacher_dir}/ and {", ".join(decm_dirs.values())}/')
 
 
 def build_parser():
     p = common.parser(__doc__)
-    common.add_run_flags(p, 'runs/pipe')
+    common.add_run_flags(p, 'runs/pipe', w_cfg=None)
+    p.add_argument('--apg-sweep', type=float, nargs='+', default=[1.25, 1.5, 2.0, 3.0], help='APG weights (at --eta) of '
+                   'the teacher swept at 50 steps; DE-CM distils the best unless --w-cfg is given')
     p.add_argument('--decm-steps', type=int, default=400, help='DE-CM iterations (400: an estimated 9 minutes of '
                    'DE-CM on 2 CPU cores; 800 meets the three targets, study part I)')
     p.add_argument('--no-ema-warmup', dest='ema_warmup', action='store_false', help='constant EMA decay for the '

@@ -28,7 +28,7 @@ def regress(a):
     common.set_threads(a.threads)
     t0 = time.time()
     dev = torch.device('cpu')
-    teacher, stats, _ = sample.load_model(a.teacher)
+    teacher, stats, _ = sample.load_model(a.teacher, flag='--teacher')
     if stats is None or teacher.s_embedder is not None:
         raise ValueError(f'--teacher {a.teacher}: need a flow-matching teacher trained by train.py')
     os.makedirs(a.runs, exist_ok=True)
@@ -84,9 +84,11 @@ def regress(a):
         lines.append(f'| {r["step"]} | {r["loss"]:.4f} | {pm(r["fd"])} | {pm(r["ratio"]) if r["ratio"] else "-"} |')
     lines += ['', f'Time: pairs {t1 - t0:.0f} s, fit and FD {time.time() - t1:.0f} s ({torch.get_num_threads()} '
               f'thread(s)).', f'Command: {a.command}']
-    write_atomic(os.path.join(a.runs, 'regress.md'), '\n'.join(lines) + '\n')
-    write_atomic(os.path.join(a.runs, 'regress.json'), json.dumps(rows, indent=1) + '\n')
+    outs = [os.path.join(a.runs, f) for f in ('regress.md', 'regress.json')]
+    write_atomic(outs[0], '\n'.join(lines) + '\n')
+    write_atomic(outs[1], json.dumps(rows, indent=1) + '\n')
     print('\n'.join(lines))
+    print(f'regress: wrote {", ".join(outs)}; the pairs in {pairs_path}')
 
 
 def build_parser():

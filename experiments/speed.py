@@ -224,9 +224,11 @@ def jvp_steps(a, dev):
         lines.append(f'| {preset} | {1e3 * r["fm"]:.1f} | {1e3 * r["cm"]:.1f} | {1e3 * r["cm_compiled"]:.1f} | '
                      f'{r["cm"] / r["fm"]:.2f} | {r["cm_compiled"] / r["fm"]:.2f} | {compile_s:.0f} | {grad_err:.1e} |')
     lines += ['', f'Command: {a.command}']
-    write_atomic(os.path.join(a.results, 'jvp_steps.md'), '\n'.join(lines) + '\n')
-    write_atomic(os.path.join(a.results, 'jvp_steps.json'), json.dumps(raw, indent=1) + '\n')
+    outs = [os.path.join(a.results, f) for f in ('jvp_steps.md', 'jvp_steps.json')]
+    write_atomic(outs[0], '\n'.join(lines) + '\n')
+    write_atomic(outs[1], json.dumps(raw, indent=1) + '\n')
     print('\n'.join(lines))
+    print(f'speed: wrote {", ".join(outs)}')
 
 
 def speed(a):
@@ -312,10 +314,12 @@ def speed(a):
         for title, table in r['profile']:
             lines += ['', f'## Profile ({p}): {title}, top ops by self '
                       f'{"CUDA" if dev.type == "cuda" else "CPU"} time', '', '```', table.rstrip(), '```']
-    write_atomic(os.path.join(a.results, 'speed.md'), '\n'.join(lines) + '\n')
+    outs = [os.path.join(a.results, f) for f in ('speed.md', 'speed.json')]
+    write_atomic(outs[0], '\n'.join(lines) + '\n')
     raw = {p: {k: v for k, v in r.items() if k != 'profile'} for p, r in out.items()}
-    write_atomic(os.path.join(a.results, 'speed.json'), json.dumps(raw, indent=1) + '\n')
+    write_atomic(outs[1], json.dumps(raw, indent=1) + '\n')
     print('\n'.join(lines))
+    print(f'speed: wrote {", ".join(outs)}')
 
 
 def build_parser():

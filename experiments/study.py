@@ -107,6 +107,7 @@ def config_names(a):
 def study(a):
     """Every configuration of --configs x every seed, evaluated at each of --eval-at; study.md + .png."""
     common.at_least(a, ('n', 'jobs', 'teacher_steps', 'batch', 'decm_batch'))
+    common.set_threads(a.threads)
     names = config_names(a)
     if a.report:
         return study_report(a, names)
@@ -116,10 +117,12 @@ def study(a):
     if a.one:                                                  # one job of the pool below
         name, seed = a.one.rsplit(':', 1)
         if name == 'teacher':
-            cache_path = os.path.join(a.runs, 'teacher_fd.json')
-            common.teacher_fds(a, teacher_dir, a.seeds, dev, load_json(cache_path), cache_path)
+            out = os.path.join(a.runs, 'teacher_fd.json')
+            common.teacher_fds(a, teacher_dir, a.seeds, dev, load_json(out), out)
         else:
             study_one(a, name, int(seed), teacher_ckpt, dev)
+            out = os.path.join(a.runs, f'{name}-s{seed}', 'evals.json')
+        print(f'study: wrote {out}')
         return
     job = [os.path.abspath(__file__), '--runs', a.runs, '--skip-teacher'] + (['--data', a.data] if a.data else []) + [
         '--n', str(a.n), '--device', a.device, '--amp', a.amp, '--eval-at', *map(str, a.eval_at),
@@ -177,14 +180,17 @@ def study_report(a, names, failed=()):
     lines += ['', 'Configurations: ' + '; '.join(f'**{n}**: {DESC[n]}' for n in names) + '.']
     if failed:
         lines += ['', f'{len(failed)} job(s) failed or were stopped (see {os.path.join(a.runs, "logs", "study")}).']
+    shown = lines + ['', f'Command: {a.command}']             # printed: all but the table of every run
     lines += every + ['', f'Command: {a.command}']
+    outs = [os.path.join(a.results, f) for f in ('study.md', 'study.png')]
     os.makedirs(a.results, exist_ok=True)
-    write_atomic(os.path.join(a.results, 'study.md'), '\n'.join(lines) + '\n')
-    common.plot(os.path.join(a.results, 'study.png'),
+    write_atomic(outs[0], '\n'.join(lines) + '\n')
+    common.plot(outs[1],
                [(f'DE-CM {lab} / teacher 50 steps (APG), mean over seeds', curves[k])
                 for k, lab in (('cm1', 'CM 1 NFE'), ('cm2', 'CM 2 NFE'), ('mix4', 'Mix 4 NFE'))],
                xlabel='training iterations', ylabel='FD ratio')
-    print('\n'.join(lines[:len(lines) - len(every)]))
+    print('\n'.join(shown))
+    print(f'study: wrote {", ".join(outs)} (every run in study.md); runs in {a.runs}/')
 
 
 def build_parser():

@@ -243,8 +243,9 @@ def tables(a):
     lines += ['', '## Orderings against the noise', '',
               f'Each cell: the first row against the second, by the mean over the {len(a.seeds)} seeds: "better" '
               f'or "worse" when the mean of the per-seed differences (paired by seed) is more than twice its standard '
-              f'error, else "within noise" (one seed: nothing is outside the noise). The paper\'s ordering in '
-              f'brackets.', '', '| first / second | STEP=1 | STEP=2 | STEP=4 | STEP=50 |', '|---|---|---|---|---|']
+              f'error, else "within noise" (one seed: "n/a (one seed)", there is no noise to test against). The '
+              f'paper\'s ordering in brackets.', '', '| first / second | STEP=1 | STEP=2 | STEP=4 | STEP=50 |',
+              '|---|---|---|---|---|']
     paper_order = lambda x, y: 'better' if x < y else 'worse' if x > y else 'equal'
     for first, second, what in T3_PAIRS:
         if first not in shown or second not in shown:
@@ -274,11 +275,13 @@ def tables(a):
               f'{name}_samples/<row>.png (rows: classes; panels: the cells of the row; b_apg is (b*)) and '
               f'{name}_samples/table4.png.',
               f'Command: {a.command}']
-    write_atomic(os.path.join(a.results, name + '.md'), '\n'.join(lines) + '\n')
+    outs = [os.path.join(a.results, name + ext) for ext in ('.md', '.json', '.png')]
+    write_atomic(outs[0], '\n'.join(lines) + '\n')
     raw = {'floor': floor, 'n': a.n, 'seeds': a.seeds, 'teacher': teacher_ckpt,
            'fd': [{'row': k, 'sampler': s, 'nfe': n, 'fd': v} for (k, s, n), v in fd.items()]}
-    write_atomic(os.path.join(a.results, name + '.json'), json.dumps(raw, indent=1) + '\n')
+    write_atomic(outs[1], json.dumps(raw, indent=1) + '\n')
     print('\n'.join(lines))
+    print(f'tables: wrote {", ".join(outs)}, {sample_dir}/<row>.png; runs in {a.runs}/')
 
 
 def build_parser():

@@ -54,6 +54,11 @@ def run_script(name, *argv, timeout=300):
     return p.stdout
 
 
+def last_line(out):
+    """The closing line of a script's output: `<script>: wrote ...`, naming what it wrote."""
+    return out.strip().splitlines()[-1]
+
+
 def one_error(capsys, fn, must=()):
     """fn() exits with code 2 and prints exactly one line, `error: ...`, holding every string of must."""
     with pytest.raises(SystemExit) as e:
@@ -98,11 +103,14 @@ class Background:
 
 @pytest.fixture(scope='module')
 def background(tmp_path_factory):
-    bg = Background(tmp_path_factory.mktemp('background'), {
+    root = tmp_path_factory.mktemp('background')
+    bg = Background(root, {
         'speed': ['speed', '--presets', 'tiny', '--batch', '8', '--repeats', '2', '--threads', '1'],
         'gpu': ['gpu', '--device', 'cpu', '--preset', 'tiny', '--max-batch', '2', '--repeats', '1', '--no-compile',
-                '--budget', '400'],
-        'estimate': ['estimate', '--preset', 'tiny', '--threads', '1']})
+                '--budget', '400', '--threads', '1'],
+        'estimate': ['estimate', '--preset', 'tiny', '--threads', '1'],
+        'jvp_dtype': ['jvp_dtype', '--presets', 'tiny', '--seeds', '1', '--teacher-steps', '2', '--steps', '9',
+                      '--batch', '8', '--runs', root / 'jvp_dtype_runs', '--threads', '1']})
     yield bg
     bg.close()
 
@@ -165,7 +173,7 @@ def test_tables_writes_every_row_of_table_3_and_table_4(tiny_tables):
     assert ck['args']['r_max'] == 0.05 and ck['args']['ema_warmup'] and ck['step'] == 2   # as recorded
 
 
-def test_tables_png_and_sample_grids_are_valid_pngs(tiny_tables):
+def test_tables_png_and_sample_grids_are_valid_pngs(tiny_tables, tmp_path, capsys):
     root, argv = tiny_tables
     paths = [root / 'res' / 'tables.png'] + sorted((root / 'res' / 'tables_samples').glob('*.png'))
     assert len(paths) == 1 + 3 + len(ROWS) + 1                          # plot, rows a, b, b*, the variants, table4
@@ -181,6 +189,15 @@ def test_tables_png_and_sample_grids_are_valid_pngs(tiny_tables):
     after = {p.name: p.read_bytes() for p in paths[1:]} | {'json': (root / 'res' / 'tables.json').read_bytes()}
     assert before == after
     assert os.path.getmtime(train.latest_checkpoint(str(root / 'runs' / 'g-s0'))) == stamp
+    res, runs = root / 'res', root / 'runs'
+    assert last_line(capsys.readouterr().out) == (f'tables: wrote {res}/tables.md, {res}/tables.json, {res}/tables.png, '
+                                                  f'{res}/tables_samples/<row>.png; runs in {runs}/')
+    tables.main(argv + ['--seeds', '0', '--results', str(tmp_path)])   # one seed (cached): no noise test
+    orderings = (tmp_path / 'tables.md').read_text().split('## Orderings against the noise')[1]
+    rows = [x for x in orderings.splitlines() if re.search(r'\((better|worse|equal)\) \|$', x)]
+    assert len(rows) == 2 + 2, orderings                                # (g)/(e), (h)/(i); Table 4's two
+    assert all(len(re.findall(r'\| n/a \(one seed\) \((better|worse|equal)\)', x)) == 4 for x in rows), rows
+    assert last_line(capsys.readouterr().out).startswith(f'tables: wrote {tmp_path}/tables.md, ')
 
 
 def test_tables_refuses_to_resume_a_run_made_with_other_settings(tiny_tables, capsys):
@@ -198,9 +215,11 @@ def test_regress_probe_fits_the_teachers_ode_map(tiny_tables, d8, tmp_path):
     root, _ = tiny_tables
     fd_cache = tmp_path / 'fd.json'
     fd_cache.write_text(json.dumps({f'{common.APG_KEY}|50|{s}|20': 2.0 for s in (0, 1)}))
-    run_script('regress', '--teacher', root / 'runs' / 'teacher', '--data', d8, '--runs', tmp_path,
-               '--pairs', '24', '--ode-steps', '3', '--batch', '8', '--eval-at', '2', '30', '--n', '20', '--seeds',
-               '0', '1', '--teacher-fd', fd_cache, '--threads', '1')
+    out = run_script('regress', '--teacher', root / 'runs' / 'teacher', '--data', d8, '--runs', tmp_path,
+                     '--pairs', '24', '--ode-steps', '3', '--batch', '8', '--eval-at', '2', '30', '--n', '20',
+                     '--seeds', '0', '1', '--teacher-fd', fd_cache, '--threads', '1')
+    assert last_line(out) == (f'regress: wrote {tmp_path}/regress.md, {tmp_path}/regress.json; the pairs in '
+                              f'{tmp_path}/pairs_24_3.pt')
     pairs = torch.load(tmp_path / 'pairs_24_3.pt', weights_only=True)
     teacher, _, _ = sample.load_model(str(root / 'runs' / 'teacher'))
     x = sample.run_sampler(teacher, 'teacher', pairs['z'], pairs['y'], 3, args=common.teacher_args(2.0, 'apg', 0.05))
@@ -217,6 +236,7 @@ def test_mix_sweeps_the_switch(tiny_tables, d8, tmp_path, capsys):
     out, data = str(root / 'runs' / 'g-s0'), d8                         # a DE-CM run of the tables
     mix.main(['--ckpt', out, '--data', data, '--n', '20', '--nfe', '3', '--ts', '0.3', '0.6', '--threads', '1'])
     text = capsys.readouterr().out
+    assert last_line(text) == 'mix: wrote no file (the table is above)'
     rows = [line for line in text.splitlines() if line.startswith('| ')]
     assert rows[0].startswith('| `--mix-det`') and rows[0].endswith('| 0.3 | 0.6 |'), text
     cells = [[float(c) for c in r.strip('|').split('|')[1:]] for r in rows[1:]]
@@ -234,6 +254,7 @@ def test_mix_sweeps_the_switch(tiny_tables, d8, tmp_path, capsys):
     for fd_row, ratio_row in zip(rows[:3], rows[3:]):
         fd, ratio = float(fd_row.split('|')[2]), float(ratio_row.split('|')[2].split(';')[0])
         assert abs(ratio * 2.0 - fd) < 0.006, (fd_row, ratio_row)       # FD / the teacher's 2.0
+        assert ratio_row.split('|')[2].strip().endswith('; n/a (one seed)'), ratio_row   # one seed: no test
     one_error(capsys, lambda: mix.main(['--ckpt', out, '--data', data, '--n', '30', '--teacher-fd', str(ref)]),
               ['--teacher-fd'])
     one_error(capsys, lambda: mix.main(['--ckpt', str(root / 'runs' / 'teacher'), '--data', data, '--n', '20']),
@@ -245,25 +266,40 @@ def test_pipeline_and_study_report_baselines_seeds_and_ratios(d8, tmp_path):
     data = d8
     runs = str(tmp_path / 'runs')
     common_flags = ['--runs', runs, '--teacher-steps', '3', '--batch', '16', '--decm-batch', '16', '--n', '20',
-                    '--seeds', '0', '1', '--cfg-sweep', '1', '1.5', '--device', 'cpu', '--data', data]
-    run_script('pipeline', *common_flags, '--decm-steps', '2', '--jobs', '2')
+                    '--seeds', '0', '1', '--cfg-sweep', '1', '1.5', '--device', 'cpu', '--data', data, '--threads', '1']
+    out = run_script('pipeline', *common_flags, '--apg-sweep', '1.5', '2', '--decm-steps', '2', '--jobs', '2')
+    assert last_line(out) == (f'pipeline: wrote {runs}/pipeline.md, {runs}/pipeline.json, {runs}/pipeline.png; '
+                              f'checkpoints in {runs}/teacher/ and {runs}/decm-s0, {runs}/decm-s1/')
     md = open(os.path.join(runs, 'pipeline.md')).read()
-    for row in ['| teacher, distilled velocity (APG) | 50', '| teacher, plain CFG w = 1 | 50',
+    raw = json.load(open(os.path.join(runs, 'pipeline.json')))
+    fd = {(r['row'], r['nfe']): r['fd'] for r in raw['fd']}
+    apgs = {w: fd[f'teacher, APG w = {w:g} (eta 0.05)', 50] for w in (1.5, 2.0)}
+    assert raw['w_cfg'] == min(apgs, key=lambda w: sum(apgs[w])) and raw['eta'] == 0.05 and raw['data'] == str(data)
+    w = raw['w_cfg']                                                    # DE-CM distils the best APG setting
+    for row in [f'| teacher, distilled velocity (APG w = {w:g}, eta 0.05) | 1', f'| teacher, distilled velocity '
+                f'(APG w = {w:g}, eta 0.05) | 50', '| teacher, APG w = 1.5 (eta 0.05) | 50',
+                '| teacher, APG w = 2 (eta 0.05) | 50', '| teacher, plain CFG w = 1 | 50',
                 '| teacher, plain CFG w = 1.5 | 50', '| two sets of real data', '| DE-CM, CM sampler | 1',
                 '| DE-CM, Mix sampler | 4']:
         line = [x for x in md.split('Ratios of DE-CM')[0].splitlines() if x.startswith(row + ' |')]
         assert len(line) == 1, (row, md)
         assert re.search(r'\d+\.\d\d \+- \d+\.\d\d \| \d+\.\d\d, \d+\.\d\d \|$', line[0]), line[0]   # 2 seeds
-    raw = json.load(open(os.path.join(runs, 'pipeline.json')))
-    fd = {(r['row'], r['nfe']): r['fd'] for r in raw['fd']}
-    apg, cfgs = fd[common.APG_KEY, 50], [fd[f'teacher, plain CFG w = {w}', 50] for w in ('1', '1.5')]
-    best = min([apg] + cfgs, key=lambda v: sum(v))
+    assert fd[common.APG_KEY, 50] == pytest.approx(apgs[w])             # the same sampler, the same FD
+    sweep = list(apgs.values()) + [fd[f'teacher, plain CFG w = {c}', 50] for c in ('1', '1.5')]
+    best = min(sweep, key=lambda v: sum(v))                             # the teacher's best of all swept
     ratio = sum(a / b for a, b in zip(fd['DE-CM, CM sampler', 1], best)) / 2
-    assert f'DE-CM at 1 NFE is {ratio:.3f}x' in md                   # the headline is against the strongest
+    assert f'DE-CM at 1 NFE is {ratio:.3f}x' in md and raw['ratio_cm1'] == pytest.approx(ratio)
+    assert raw['ratios']['cm1'] == pytest.approx([a / b for a, b in zip(fd['DE-CM, CM sampler', 1], best)])
+    assert ('| / distilled-velocity teacher, 50 steps | / the teacher\'s best setting, 50 steps | differs from the '
+            'teacher\'s best beyond noise? |') in md
+    verdicts = [x.rsplit('|', 2)[1].strip() for x in md.split('Ratios of DE-CM')[1].splitlines()
+                if x.startswith('| DE-CM, ')]
+    assert len(verdicts) == 4 and all(v in ('no', 'yes: better', 'yes: worse') for v in verdicts), md   # 2 seeds
     assert 'Command: python experiments/pipeline.py --runs' in md
     ck = train.load_student_checkpoint(train.latest_checkpoint(os.path.join(runs, 'decm-s1')))
     assert ck['args']['r_max'] == 0.2 and ck['args']['ema_warmup'] and 'r_max 0.2' in md   # the study's defaults
     assert ck['args']['schedule'] == 'logit-normal' and 't schedule logit-normal' in md
+    assert ck['args']['w_cfg'] == w and ck['args']['eta'] == 0.05
     teacher = train.load_student_checkpoint(train.latest_checkpoint(os.path.join(runs, 'teacher')))
     assert not teacher['args']['ema_warmup']                            # the recorded teachers' constant EMA
     assert 'the Mix sampler switches at t = 0.0625' in md                 # the Mix row samples at --mix-t
@@ -277,8 +313,11 @@ def test_pipeline_and_study_report_baselines_seeds_and_ratios(d8, tmp_path):
     published = os.path.join(common.RESULTS, 'pipeline.json')
     assert json.load(open(published))['n'] != 20                        # not published without --publish
 
-    run_script('study', *common_flags, '--skip-teacher', '--configs', 'base', 'ew-rmax0.2', '--eval-at', '1', '2',
-               '--jobs', '2', '--results', tmp_path / 'res', '--seeds', '1')   # the later --seeds wins
+    out = run_script('study', *common_flags, '--skip-teacher', '--configs', 'base', 'ew-rmax0.2', '--eval-at', '1',
+                     '2', '--jobs', '2', '--results', tmp_path / 'res', '--seeds', '1')   # the later --seeds wins
+    res = tmp_path / 'res'
+    assert last_line(out) == f'study: wrote {res}/study.md, {res}/study.png (every run in study.md); runs in {runs}/'
+    assert '## Every run' not in out and '| base | --lr 3e-4 | 2 |' in out   # printed: the summary
     md = (tmp_path / 'res' / 'study.md').read_text()
     every = [x for x in md.splitlines() if re.match(r'\| (base|ew-rmax0.2) \| 1 \| [12] \|', x)]
     assert len(every) == 2 * 2                                        # every run at every step is listed
@@ -301,6 +340,7 @@ def test_outside_noise_is_paired_by_seed():
     assert common.outside_noise(a, b) and common.ordering(a, b) == 'worse' and common.ordering(b, a) == 'better'
     assert not common.outside_noise([1.0, 1.2, 1.1], [1.1, 1.1, 1.1])    # differences of both signs
     assert not common.outside_noise([2.0], [1.0])                         # one seed: nothing is outside the noise
+    assert common.ordering([2.0], [1.0]) == common.ordering([1.0], [1.0]) == 'n/a (one seed)'   # and no test
 
 
 def test_every_study_configuration_is_a_valid_change_of_train_flags():
@@ -324,6 +364,7 @@ def test_every_study_configuration_is_a_valid_change_of_train_flags():
 # ----------------------------------------------------------------------------- speed, gpu, estimate, JVP dtype
 def test_speed_writes_times_memory_and_ratios(background):
     out, tmp_path = background.result('speed')
+    assert last_line(out) == f'speed: wrote {tmp_path}/speed.md, {tmp_path}/speed.json'
     md = (tmp_path / 'speed.md').read_text()
     assert md.strip() in out or 'DE-CM iteration / floor' in out
     for pattern in [r'DE-CM iteration / floor = (\d+\.\d+)', r'1-NFE sampling / one forward pass = (\d+\.\d+)',
@@ -361,7 +402,8 @@ def test_gpu_search_time_limit_and_failed_rows():
 
 def test_gpu_dry_run_on_cpu(background):
     """`gpu.py --device cpu --preset tiny`: every eager row measured, the batch searched, gpu.md/json."""
-    _, tmp_path = background.result('gpu')
+    out, tmp_path = background.result('gpu')
+    assert last_line(out) == f'gpu: wrote {tmp_path}/gpu.md, {tmp_path}/gpu.json'
     raw = json.loads((tmp_path / 'gpu.json').read_text())
     assert raw['batch'] == 2 and raw['batch_search'] == {'1': True, '2': True}
     names = [r['name'] for r in raw['rows']]
@@ -376,9 +418,21 @@ def test_gpu_dry_run_on_cpu(background):
 
 
 def test_estimate_writes_the_paper_scale_figures(background):
-    _, tmp_path = background.result('estimate')
+    out, tmp_path = background.result('estimate')
+    assert last_line(out) == f'estimate: wrote {tmp_path}/estimate.md'
     text = (tmp_path / 'estimate.md').read_text()
     assert 'PFLOP' in text and 'hours' in text and 'GB of activations per sample' in text
+
+
+def test_jvp_dtype_writes_the_error_table_and_the_short_runs(background):
+    out, tmp_path = background.result('jvp_dtype')
+    runs = tmp_path.parent / 'jvp_dtype_runs'
+    assert last_line(out) == (f'jvp_dtype: wrote {tmp_path}/jvp_dtype.md, {tmp_path}/jvp_dtype.json; the teacher run '
+                              f'in {runs}/teacher/')
+    md = (tmp_path / 'jvp_dtype.md').read_text()
+    assert '| tiny | CM (v, 1, 0) at (x_t, t, 1) |' in md and '| n2n |' in md
+    raw = json.loads((tmp_path / 'jvp_dtype.json').read_text())
+    assert len(raw['curves']['fp32']) == len(raw['curves']['bf16']) == 9
 
 
 def test_jvp_dtype_error_against_float64():
@@ -390,11 +444,13 @@ def test_jvp_dtype_error_against_float64():
 
 
 # ----------------------------------------------------------------------------- figures, help, bad input
-def test_figures_redraw_the_studys_plots_from_the_recorded_evaluations(tmp_path):
+def test_figures_redraw_the_studys_plots_from_the_recorded_evaluations(tmp_path, capsys):
     for sub in ('study_gpu1', 'study_gpu2', 'study_cpu', 'study_cpu2', 'study_cpu3', 'study_cpu4', 'study_cpu5'):
         shutil.copytree(os.path.join(common.RESULTS, sub), tmp_path / sub, ignore=shutil.ignore_patterns('*.png', '*.md'))
     shutil.copy(os.path.join(common.RESULTS, 'pipeline_h200.json'), tmp_path)
     figures.main(['--results', str(tmp_path)])
+    assert last_line(capsys.readouterr().out) == 'figures: wrote ' + ', '.join(f'{tmp_path}/{name}.png'
+                                                                            for name in figures.FIGURES)
     for name in figures.FIGURES:
         with Image.open(tmp_path / f'{name}.png') as im:
             im.verify()
@@ -422,7 +478,7 @@ BAD = {
     'study-cosine-lr-is-gone': ('study', ['--configs', 'lr1e-3-cosine'], ['unknown', 'lr1e-3-cosine']),
     'study-jobs-0': ('study', ['--jobs', '0'], ['--jobs 0']),
     'regress-pairs-0': ('regress', ['--pairs', '0'], ['--pairs']),
-    'regress-missing-teacher': ('regress', ['--teacher', '/nonexistent/teacher'], ['does not exist']),
+    'regress-missing-teacher': ('regress', ['--teacher', '/nonexistent/teacher'], ['--teacher /nonexistent/teacher: no such']),
     'tables-without-g': ('tables', ['--rows', 'c', 'd'], ['with g']),
     'tables-n-1': ('tables', ['--n', '1'], ['--n 1']),
     'mix-nfe-1': ('mix', ['--nfe', '1'], ['--nfe']),
@@ -436,6 +492,8 @@ BAD = {
     'figures-unknown-figure': ('figures', ['--only', 'bogus'], ['--only']),
     'figures-missing-results': ('figures', ['--results', '/nonexistent/results'], ['--results']),
 }
+BAD.update({f'{name}-threads--1': (name, ['--threads', '-1'], ['--threads', '-1'])       # every torch-running script
+            for name in SCRIPTS if name != 'figures'})
 
 
 @pytest.mark.parametrize('case', list(BAD))
