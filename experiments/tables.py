@@ -126,7 +126,8 @@ def tables(a):
             argv = ['--seed', str(s), '--batch', str(a.batch)] + data + [
                 '--teacher', teacher_ckpt, '--out', run_dir(key, s), '--steps', str(a.decm_steps), '--lr',
                 str(a.decm_lr), '--w-cfg', str(a.w_cfg), '--eta', str(a.eta), '--resume', 'auto', '--keep', '1',
-                '--r-max', str(a.r_max), '--ema-warmup' if a.ema_warmup else '--no-ema-warmup'] + flags
+                '--r-max', str(a.r_max), '--ema-warmup' if a.ema_warmup else '--no-ema-warmup'] + \
+                (['--schedule', a.schedule] if a.schedule else []) + flags     # a variant's own --schedule wins
             n_runs += 1
             if not common.check_run(run_dir(key, s), argv, a.decm_steps):
                 jobs.append(argv + threads)
@@ -156,7 +157,7 @@ def tables(a):
                 panels[k].append(common.panel('real data', real, real_y[:a.n]))
         models = {}
         for key, smp, nfe in cells:
-            cache_key = f'{key}|{smp}|{nfe}|{s}|{a.n}'
+            cache_key = f'{key}|{smp}|{nfe}|{s}|{a.n}' + (f'|t{a.mix_t:g}' if smp == 'mix' and a.mix_t != common.MIX_T else '')
             is_t3 = nfe in T3_STEPS and smp == table3_sampler(key, nfe)
             is_t4 = key == 'g' and nfe in (T4_NFE[0], T4_NFE[-1])
             want_grid = grids and (is_t3 or is_t4)
@@ -173,7 +174,7 @@ def tables(a):
                     if key not in models:
                         models[key] = sample.load_model(run_dir(key, s))
                     model, stats, _ = models[key]
-                    value, x, y = fd_of(model, stats, smp, nfe, real, a.n, None, s)
+                    value, x, y = fd_of(model, stats, smp, nfe, real, a.n, common.mix_args(a.mix_t), s)
                 cache[cache_key] = float(value)
                 write_atomic(cache_path, json.dumps(cache, indent=1))
                 if want_grid:                                  # the panel's samples: a resumed command reuses them
@@ -259,7 +260,7 @@ def tables(a):
         lines.append(f'| {what} | ' + ' | '.join(
             f'{common.ordering(fd["g", first, n], fd["g", second, n])} ({paper_order(pf, ps)})'
             for n, pf, ps in zip(T4_NFE, paper4[first], paper4[second])) + ' |')
-    mix = f'half of the NFE as deterministic flow-map steps up to t = {common.MIX_T:g}, then CM steps'
+    mix = f'half of the NFE as deterministic flow-map steps up to t = {a.mix_t:g}, then CM steps'
     teacher_of = (f'teacher {a.teacher_steps} FM iterations (lr {a.teacher_lr:g}, seed {a.seeds[0]})' if not a.teacher
                   else f'teacher {teacher_ckpt} (given)')
     lines += ['', f'Mix sampler: {mix}.', '',
@@ -312,6 +313,11 @@ def build_parser():
     p.add_argument('--eta', type=float, default=0.05, help='APG eta of the distilled velocity and of row (b*)')
     p.add_argument('--r-max', type=common.bounded(float, 0, 1), default=0.05, help='train.py --r-max of every '
                    'variant (0.05, the value the recorded tables were made with; the study found 0.2 better)')
+    p.add_argument('--schedule', choices=['uniform-seg', 'logit-normal', 'arctan'], default=None, help='train.py '
+                   '--schedule of every variant but (k) and (l) (default: train.py\'s, uniform-seg, as recorded; the '
+                   'pipeline: logit-normal)')
+    p.add_argument('--mix-t', type=common.bounded(float, 0, 1, lo_open=True, hi_open=True), default=common.MIX_T,
+                   help='the Mix sampler\'s switch in Table 4 (0.25, as recorded; the pipeline: 0.0625)')
     p.add_argument('--jobs', type=int, default=1, help='runs trained at a time, as subprocesses of one thread each')
     p.add_argument('--no-ema-warmup', dest='ema_warmup', action='store_false', help='constant EMA decay for the '
                    'variant runs (default: the EMA warm-up, as in the pipeline: a 200-iteration run with a '

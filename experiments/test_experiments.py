@@ -37,11 +37,12 @@ import sample  # noqa: E402
 import speed  # noqa: E402
 import study  # noqa: E402
 import tables  # noqa: E402
+import uci_digits  # noqa: E402
 import train  # noqa: E402
 
 ROWS = ['e', 'g', 'i']                                                # the Table 3 variants the tests train
 SCRIPTS = {'pipeline': pipeline, 'study': study, 'regress': regress, 'tables': tables, 'mix': mix, 'speed': speed,
-           'jvp_dtype': jvp_dtype, 'gpu': gpu, 'estimate': estimate, 'figures': figures}
+           'jvp_dtype': jvp_dtype, 'gpu': gpu, 'estimate': estimate, 'figures': figures, 'uci_digits': uci_digits}
 ENV = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')}
 ENV.update(OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='', TQDM_DISABLE='1')
 
@@ -481,6 +482,9 @@ BAD = {
     'regress-missing-teacher': ('regress', ['--teacher', '/nonexistent/teacher'], ['--teacher /nonexistent/teacher: no such']),
     'tables-without-g': ('tables', ['--rows', 'c', 'd'], ['with g']),
     'tables-n-1': ('tables', ['--n', '1'], ['--n 1']),
+    'uci-digits-unwritable-out': ('uci_digits', ['--out', os.path.join(ROOT, 'README.md', 'x')], ['--out']),
+    'tables-mix-t-1': ('tables', ['--mix-t', '1'], ['--mix-t']),
+    'tables-unknown-schedule': ('tables', ['--schedule', 'cosine'], ['--schedule']),
     'mix-nfe-1': ('mix', ['--nfe', '1'], ['--nfe']),
     'mix-seeds-per-ckpt': ('mix', ['--ckpt', 'a', '--seeds', '0', '1'], ['one seed per --ckpt']),
     'speed-batch-0': ('speed', ['--batch', '0'], ['--batch']),
@@ -493,7 +497,7 @@ BAD = {
     'figures-missing-results': ('figures', ['--results', '/nonexistent/results'], ['--results']),
 }
 BAD.update({f'{name}-threads--1': (name, ['--threads', '-1'], ['--threads', '-1'])       # every torch-running script
-            for name in SCRIPTS if name != 'figures'})
+            for name in SCRIPTS if name not in ('figures', 'uci_digits')})
 
 
 @pytest.mark.parametrize('case', list(BAD))
@@ -508,3 +512,17 @@ def test_bad_input_from_the_command_line():
                        capture_output=True, text=True, timeout=120)
     lines = [line for line in p.stderr.splitlines() if line.strip()]
     assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith('error: --configs'), p.stderr
+
+
+def test_uci_digits_are_written_as_a_latents_folder(tmp_path, capsys):
+    """experiments/uci_digits.py: scikit-learn's 1,797 real 8x8 digits as a latents folder train.py reads."""
+    pytest.importorskip('sklearn')
+    from sklearn.datasets import load_digits
+    out = str(tmp_path / 'uci')
+    uci_digits.main(['--out', out])
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith(f'uci_digits: wrote {out}/')
+    ds = train.LatentFolder(out)
+    x, flip, y = ds[5]
+    d = load_digits()
+    assert len(ds) == 1797 and ds.shape == (1, 8, 8) and sorted(set(ds.labels.tolist())) == list(range(10))
+    assert torch.equal(x[0], torch.from_numpy(d.images[5]).float() / 8 - 1) and torch.equal(flip, x) and y == d.target[5]

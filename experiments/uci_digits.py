@@ -26,7 +26,10 @@ def write_uci_digits(out):
     from safetensors.torch import save_file
     d = load_digits()
     x = torch.from_numpy(d.images).float().div(16).mul(2).sub(1).unsqueeze(1).contiguous()   # 0..16 -> [-1, 1]
-    os.makedirs(out, exist_ok=True)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f'--out {out}: cannot create the folder ({e.strerror})')
     path = os.path.join(out, 'latents_rank00_shard000.safetensors')
     save_file({'latents': x, 'latents_flip': x.clone(), 'labels': torch.from_numpy(d.target).long()}, path + '.tmp')
     os.replace(path + '.tmp', path)
