@@ -363,13 +363,6 @@ def needs_inception(*sources):
             check_images_npz(s) if s.endswith('.npz') else load_images(s)   # the latter refuses a .png, a .txt
     return bool(images)
 
-def fid_of(samples, ref, inception_path=None, batch_size=50, device='cpu', num_workers=0):
-    """FID of two image folders, ADM-style .npz, uint8 NHWC arrays or stats .npz (weights loaded for images only)."""
-    samples, ref = (os.fspath(s) if isinstance(s, os.PathLike) else s for s in (samples, ref))
-    model = load_inception(inception_path, device) if needs_inception(samples, ref) else None
-    (mu1, sigma1, _), (mu2, sigma2, _) = (source_stats(s, model, batch_size, num_workers) for s in (samples, ref))
-    return frechet_distance(mu1, sigma1, mu2, sigma2)
-
 def save_npz(path, **arrays):
     """np.savez to a temporary file, then renamed into place: readers never see half a file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -402,8 +395,7 @@ def latents_subset(folder, n, shape, builtin, flag='--fd-ref'):
     return real
 
 def pixels(source, n=None, shape=None):
-    """--pixel: images (folder, .npz; sample.py's unrounded x) in [-1, 1], NCHW; a latents folder: the n items
-    sample.py --fd-ref draws."""
+    """--pixel, NCHW: a latents folder's n items as sample.py --fd-ref draws them, or sample.py's unrounded x, or images."""
     if os.path.isdir(source) and any(f.endswith('.safetensors') for f in os.listdir(source)):
         return latents_subset(source, n, shape, source, flag='REF').numpy()
     with contextlib.suppress(FIDError), open_npz(source) as f:

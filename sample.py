@@ -2,13 +2,13 @@
 network call). Flow map (Eq. 9): f(x, t, s) = x + (s - t) F(x, t, s); t = 0 is noise, t = 1 data.
 - Euler ODE (Fig. 5a): x <- x + (t_next - t) F(x, t, t), the instantaneous velocity (s = t).
 - CM (Fig. 5b): predict data x_1 = f(x, t, 1), re-noise with fresh noise to the next t, repeat.
-- Mix (Fig. 5c): flow-map steps x <- f(x, t, t_next) from t = 0 to the switch (no new noise: the N2N map
-  jumps from noise to a noisy point), then CM steps. The paper leaves the switch open: by default the one
-  measured best for the checkpoint's t schedule (MIX_T, experiments/README.md).
-- Teacher: Euler with plain CFG (LightningDiT's CFG interval, shift and `--cfg-channels 3`; its K = 250 grid
-  points are our --nfe 249), or `--guidance apg`, the very velocity DE-CM distils: a student's fair baseline.
-Writes OUT/grid.png and OUT/samples.npz (ADM's uint8 `arr_0`, `arr_1` labels; latents without --vae on
-latents), de-normalised with the checkpoint's latent statistics; under torchrun split over ranks, gathered.
+- Mix (Fig. 5c): flow-map steps x <- f(x, t, t_next) from t = 0 to the switch (no new noise: the N2N map jumps
+  from noise to a noisy point), then CM steps; the switch, open in the paper, is by default the one measured best
+  for the checkpoint's t schedule (MIX_T).
+- Teacher: Euler with plain CFG (LightningDiT's CFG interval, shift, `--cfg-channels 3`; its K = 250 grid points
+  are our --nfe 249), or `--guidance apg`, the very velocity DE-CM distils: a student's fair baseline.
+Writes OUT/grid.png, OUT/samples.npz (ADM's uint8 `arr_0`, `arr_1` labels, the unrounded `x`; latents without --vae
+on latents), de-normalised with the checkpoint's latent statistics; under torchrun split over ranks, gathered.
 """
 import argparse
 import contextlib
@@ -162,17 +162,17 @@ def main(argv=None):
     A, P, N = ap.add_argument, bounded(int, 1), bounded(float, 0)
     A('--ckpt', default='runs/decm', help='checkpoint file, run folder (its latest), or LightningDiT file')
     A('--nfe', type=P, default=1, help='network calls per sample (exact)')
-    A('--sampler', choices=['cm', 'mix', 'euler'], help='DE-CM sampler (default cm; a teacher has its Euler sampler only)')
+    A('--sampler', default='cm', choices=['cm', 'mix', 'euler'], help='DE-CM sampler (a teacher has its Euler sampler only)')
     A('--mix', action='store_true', help='same as --sampler mix')
     A('--mix-det', type=bounded(int, 0), help='flow-map steps of the Mix sampler, 0 to nfe - 1 (default nfe // 2)')
     A('--mix-t', type=bounded(float, 0, 1, True, True), help="the Mix sampler's switch to CM steps (default: the "
       "best measured for the checkpoint's t schedule: " + ', '.join(f'{k} {v:g}' for k, v in MIX_T.items()) + ')')
-    A('--cfg', type=N, help='teacher sampler: guidance weight (default 2; 1: none)')
-    A('--guidance', choices=['cfg', 'apg'], help="teacher sampler: plain CFG (default), or apg: the velocity DE-CM distils")
-    A('--eta', type=N, help='teacher sampler with --guidance apg: as train.py --eta (default 0.05)')
-    A('--cfg-interval-start', type=bounded(float, 0, 1), help='teacher sampler, CFG: guide only for t >= this (default 0)')
-    A('--shift', type=N, help='teacher sampler: timestep shift (LightningDiT: 0.3; default 0: off)')
-    A('--cfg-channels', type=bounded(int, 0), help="teacher sampler, CFG: guide only the first N channels (3: LightningDiT)")
+    A('--cfg', type=N, default=2.0, help='teacher sampler: guidance weight (1: none)')
+    A('--guidance', default='cfg', choices=['cfg', 'apg'], help="teacher sampler: plain CFG, or the velocity DE-CM distils")
+    A('--eta', type=N, default=0.05, help='teacher sampler with --guidance apg: as train.py --eta')
+    A('--cfg-interval-start', type=bounded(float, 0, 1), default=0.0, help='teacher sampler, CFG: guide only for t >= this')
+    A('--shift', type=N, default=0.0, help='teacher sampler: timestep shift (LightningDiT: 0.3; 0: off)')
+    A('--cfg-channels', type=bounded(int, 0), default=0, help="teacher sampler, CFG: guide the first N channels (3: LightningDiT)")
     A('--num-samples', type=bounded(int, 2), default=1000, help='samples (labels cycle over the classes)')
     A('--batch', type=P, default=250, help='samples per network call, per rank under torchrun')
     A('--seed', type=bounded(int, 0), default=0, help='noise seed')
@@ -185,6 +185,8 @@ def main(argv=None):
     A('--device', type=device_flag, default='auto', help='auto, cpu or cuda')
     A('--threads', type=bounded(int, 0), default=0, help='torch.set_num_threads (0: one per core; 1 on a busy machine)')
     args = ap.parse_args(argv)
+    for a in ap._actions: a.default = argparse.SUPPRESS       # parsed again: the flags typed, for refuse_ignored
+    args.given = set(vars(ap.parse_args(argv)))
     if args.mix_det is not None and args.mix_det >= args.nfe:
         ap.error(f'--mix-det {args.mix_det} with --nfe {args.nfe}: at most {args.nfe - 1} (the last step is a CM step)')
     if args.vae and not os.path.exists(args.vae):
@@ -193,34 +195,27 @@ def main(argv=None):
     run_cli(run, args)
 
 def refuse_ignored(args, model, path):
-    """A flag that would not act on this checkpoint and sampler is an error naming it: nothing is ignored."""
+    """A flag typed that would not act on this checkpoint and sampler is an error naming it: nothing is ignored."""
     tea, apg, mix = model.s_embedder is None, args.guidance == 'apg', args.mix or args.sampler == 'mix'
-    decm = f'a DE-CM sampler flag, and {path} is a teacher (it has Euler steps only)'
-    teach = f'a teacher sampler flag, and {path} is DE-CM (its guidance is distilled)'
-    only = lambda what: f'applies to {what} only'
-    rules = [(k, not tea, decm) for k in ('sampler', 'mix', 'mix_det', 'mix_t')] + [(k, tea, teach) for k in (
-        'cfg', 'guidance', 'eta', 'shift', 'cfg_interval_start', 'cfg_channels')] + [
-        ('mix', args.sampler in (None, 'mix'), f'--sampler {args.sampler} asks for another sampler'),
-        ('mix_det', mix, only('the Mix sampler (--mix)')), ('mix_t', mix, only('the Mix sampler (--mix)')),
-        ('eta', apg, only('--guidance apg')), ('cfg_interval_start', not apg, only('plain CFG')),
-        ('cfg_channels', not apg, only('plain CFG'))]
-    for k, applies, reason in rules:
-        v = getattr(args, k)
-        if v not in (None, False) and not applies:
-            raise ValueError(f'--{k.replace("_", "-")}' + f' {v}' * (v is not True) + f': {reason}')
-    args.sampler, args.cfg = 'mix' if mix else args.sampler or 'cm', 2.0 if args.cfg is None else args.cfg
+    acts = dict(sampler=not tea, mix=not tea and ('sampler' not in args.given or args.sampler == 'mix'),  # what acts
+                mix_det=mix and not tea, mix_t=mix and not tea, cfg=tea, guidance=tea, shift=tea, eta=tea and apg,
+                cfg_interval_start=tea and not apg, cfg_channels=tea and not apg)
+    for k in [k for k, ok in acts.items() if k in args.given and not ok][:1]:
+        raise ValueError(f'--{k.replace("_", "-")}' + f' {getattr(args, k)}' * (k != 'mix') + f' does not act on {path}, '
+                         + (f'a teacher: Euler steps, {args.guidance} guidance' if tea else
+                            f'DE-CM (its guidance is distilled), sampled by {args.sampler}'))
 
 def run(args):
     rank, world, device = setup_distributed(args.device)
     make_out(args.out)
     model, stats, path = load_model(args.ckpt, device, args.use, args.preset, args.latent_stats)
     refuse_ignored(args, model, path)
+    args.sampler = 'mix' if args.mix else args.sampler
     if stats is None and args.vae:                             # never decode normalised latents
         raise ValueError(f'--vae needs the latent statistics, and {path} carries none: give --latent-stats')
     name, shape = 'teacher' if model.s_embedder is None else args.sampler, (model.in_channels,) + (model.input_size,) * 2
     real = latents_subset(args.fd_ref, args.num_samples, shape, BUILTIN_DIR) if args.fd_ref else None   # fails early
-    if rank == 0:
-        print(describe(model, name, args.nfe, args))
+    if rank == 0: print(describe(model, name, args.nfe, args))
     xs, ys, calls = generate(model, name, args.num_samples, args.nfe, model.num_classes, args.seed, args.batch, device,
                              args, rank, world)
     if world > 1:                                              # gather every rank's samples on rank 0
@@ -229,8 +224,7 @@ def run(args):
         xs, ys = ({k: v for p in parts for k, v in p[i].items()} for i in (0, 1))
         calls = sum(p[2] for p in parts)
         dist.destroy_process_group()
-        if rank != 0:
-            return
+        if rank != 0: return
     x, y, n_batches = torch.cat([xs[k] for k in sorted(xs)]), torch.cat([ys[k] for k in sorted(ys)]), len(xs)
     print(f'{path}: {name} sampler, {args.nfe} NFE: {calls} network calls for {n_batches} batch(es) = '
           f'{calls / n_batches:g} per sample' + ' (each a batched cond+uncond pass)' * (name == 'teacher' and args.cfg != 1))

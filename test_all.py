@@ -1590,7 +1590,7 @@ def test_cuda_samplers_match_cpu(tf32):
 @cuda
 @pytest.mark.parametrize('tf32', [False], indirect=True)
 def test_cuda_fid_matches_cpu(weights, tf32, tmp_path):
-    """Inception statistics on CUDA equal the CPU's; fid.py --device cuda gives fid_of's value on CUDA."""
+    """Inception statistics on CUDA equal the CPU's; fid.py --device cuda gives the FID of the CUDA statistics."""
     a, b = random_images(12, size=32, seed=1), random_images(12, size=32, seed=2)
     mu_c, sig_c = fid.inception_stats(a, fid.load_inception(weights, 'cpu'), batch_size=5)
     mu_g, sig_g = fid.inception_stats(a, fid.load_inception(weights, GPU), batch_size=5)
@@ -1601,7 +1601,7 @@ def test_cuda_fid_matches_cpu(weights, tf32, tmp_path):
     r = run_fid_cli(tmp_path / 'a.npz', tmp_path / 'b.npz', '--inception', weights, '--device', GPU)
     assert r.returncode == 0, r.stderr
     value = float(r.stdout.split('FID:')[1])
-    expected = fid.fid_of(a, b, weights, device=GPU)
+    expected = fid.frechet_distance(mu_g, sig_g, *fid.inception_stats(b, fid.load_inception(weights, GPU), batch_size=5))
     assert abs(value - expected) < 1e-3 * abs(expected)
 
 
@@ -2072,20 +2072,21 @@ SAYS_CASES = {
                                                             'small'), ['--preset small', 'preset tiny']),
     'sample-default-ckpt-missing': (lambda w, c: ['sample.py', '--out', os.path.join(w.root, 'samples', c)],
                                     ['--ckpt runs/decm', 'no such checkpoint']),
-    'sample-decm-cfg': (lambda w, c: _sample(w, c, '--ckpt', w.decm, '--cfg', '7'), ['--cfg 7', 'teacher', 'DE-CM']),
+    'sample-decm-cfg': (lambda w, c: _sample(w, c, '--ckpt', w.decm, '--cfg', '7'), ['--cfg 7', 'does not act', 'DE-CM (its guidance is distilled)']),
     'sample-decm-guidance': (lambda w, c: _sample(w, c, '--ckpt', w.decm, '--guidance', 'apg'), ['--guidance apg']),
     'sample-decm-shift': (lambda w, c: _sample(w, c, '--ckpt', w.decm, '--shift', '0.3'), ['--shift 0.3']),
+    'sample-decm-cfg-its-default': (lambda w, c: _sample(w, c, '--ckpt', w.decm, '--cfg', '2'), ['--cfg 2.0 does not act']),
     'sample-decm-eta': (lambda w, c: _sample(w, c, '--ckpt', w.decm, '--eta', '0.1'), ['--eta 0.1']),
     'sample-mix-det-without-mix': (lambda w, c: _sample(w, c, '--ckpt', w.decm, '--nfe', '4', '--mix-det', '1'),
-                                   ['--mix-det 1', 'Mix sampler']),
+                                   ['--mix-det 1', 'does not act', 'sampled by cm']),
     'sample-mix-t-without-mix': (lambda w, c: _sample(w, c, '--ckpt', w.decm, '--mix-t', '0.3'), ['--mix-t 0.3']),
     'sample-euler-and-mix': (lambda w, c: _sample(w, c, '--ckpt', w.decm, '--sampler', 'euler', '--mix'),
-                             ['--mix', '--sampler euler']),
-    'sample-teacher-mix': (lambda w, c: _sample(w, c, '--mix'), ['--mix:', 'is a teacher']),
-    'sample-teacher-sampler': (lambda w, c: _sample(w, c, '--sampler', 'euler'), ['--sampler euler', 'teacher']),
-    'sample-teacher-eta-without-apg': (lambda w, c: _sample(w, c, '--eta', '0.1'), ['--eta 0.1', '--guidance apg']),
+                             ['--mix does not act', 'sampled by euler']),
+    'sample-teacher-mix': (lambda w, c: _sample(w, c, '--mix'), ['--mix does not act', 'a teacher']),
+    'sample-teacher-sampler': (lambda w, c: _sample(w, c, '--sampler', 'euler'), ['--sampler euler does not act', 'a teacher']),
+    'sample-teacher-eta-without-apg': (lambda w, c: _sample(w, c, '--eta', '0.1'), ['--eta 0.1 does not act', 'cfg guidance']),
     'sample-teacher-cfg-channels-with-apg': (lambda w, c: _sample(w, c, '--guidance', 'apg', '--cfg-channels', '3'),
-                                             ['--cfg-channels 3', 'plain CFG']),
+                                             ['--cfg-channels 3 does not act', 'apg guidance']),
     'sample-preset-with-ours': (lambda w, c: _sample(w, c, '--preset', 'small'), ['--ckpt', '--preset small']),
     'fid-png-as-samples': (lambda w, c: ['fid.py', w.png, w.images], ['one.png', 'neither a folder']),
     'fid-nan-statistics': (lambda w, c: ['fid.py', w.nanstats, w.okstats], ['nan_stats.npz', 'non-finite']),

@@ -31,7 +31,7 @@ def pipeline(a):
     common.set_threads(a.threads)
     t0 = time.time()
     dev = common.resolve_device(a.device)
-    n_real = len(train.LatentFolder(a.data or sample.BUILTIN_DIR, flag='--data')) if a.data else 2 * a.n
+    n_real = len(train.LatentFolder(a.data, flag='--data')) if a.data else 2 * a.n      # built-in: 20,000
     if 2 * a.n > n_real:
         raise ValueError(f'--n {a.n}: the floor (two sets of real data) needs 2 x {a.n} images, --data has '
                          f'{n_real}: give --n {n_real // 2} or less')
