@@ -265,7 +265,8 @@ def tables(a):
                   else f'teacher {teacher_ckpt} (given)')
     lines += ['', f'Mix sampler: {mix}.', '',
               f'Budget: {teacher_of}; each variant {a.decm_steps} DE-CM iterations (lr {a.decm_lr:g}, CFG w '
-              f'{a.w_cfg:g}, eta {a.eta:g}, r_max {a.r_max:g}'
+              f'{a.w_cfg:g}, eta {a.eta:g}, r_max {a.r_max:g}, t schedule {a.schedule or "uniform-seg"} but in (k), (l); '
+              f'(j) is (g) with that schedule'
               f'{", EMA warm-up" if a.ema_warmup else ", constant EMA 0.995"}), batch {a.batch}. The paper trains '
               f'250 epochs on ImageNet; here the rows compare short distillation runs, not converged models '
               f'(`--quick`: 200 / 8 iterations, n = 200, one seed).',
