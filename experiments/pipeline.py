@@ -10,8 +10,10 @@ at 1, 2, 4 NFE; Mix at 4) by pixel FD against the teacher's best setting of all 
 (sample grids of the first seed); --publish copies them into --results (experiments/results). Seed s trains
 DE-CM with seed s and samples every row with noise seed s against real subset s. Runs resume (--resume auto).
 """
+import argparse
 import json
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -40,10 +42,25 @@ def pipeline(a):
     t1 = time.time()
 
     # The teacher at 50 steps on every guidance setting swept: APG (the rule train.py distils) and plain CFG.
+    # With --jobs J, J processes (this script with --sweep-part K/J) share the cells; their caches are merged.
     cache_path = os.path.join(a.runs, 'fd.json')
+    parts = lambda j: [os.path.join(a.runs, f'fd_part{k}.json') for k in range(j)]
     cache = common.load_json(cache_path)
     sweep = [(f'teacher, APG w = {w:g} (eta {a.eta:g})', 'apg', w, 50) for w in a.apg_sweep] + \
         [(f'teacher, plain CFG w = {w:g}', 'cfg', w, 50) for w in a.cfg_sweep]
+    cells = [(s, row) for s in a.seeds for row in sweep if f'{row[0]}|50|{s}|{a.n}' not in cache]
+    if a.sweep_part:                                           # one process of the parallel sweep
+        k, j = map(int, a.sweep_part.split('/'))
+        for s, row in cells[k::j]:
+            common.teacher_fds(a, teacher_dir, [s], dev, cache, parts(j)[k], rows=[row])
+        return
+    if a.jobs > 1 and cells:
+        argv = shlex.split(a.command)[2:] + ['--skip-teacher', '--sweep-part']
+        if common.run_parallel([[__file__] + argv + [f'{k}/{a.jobs}'] for k in range(a.jobs)], a.jobs,
+                               os.path.join(a.runs, 'logs', 'sweep')):
+            raise ValueError(f'the guidance sweep failed: see {os.path.join(a.runs, "logs", "sweep")}')
+    for part in parts(a.jobs):                                 # also those of an interrupted sweep
+        cache.update(common.load_json(part))
     fds = {}                                                   # (row, nfe) -> [fd per seed]
     for (name, steps, _), v in common.teacher_fds(a, teacher_dir, a.seeds, dev, cache, cache_path,
                                                   rows=sweep).items():
@@ -169,6 +186,7 @@ def build_parser():
                    'on the logit-normal runs 0.0625 beats 0.25, tuned on uniform-seg runs)')
     p.add_argument('--publish', action='store_true', help='also copy pipeline.md/.json/.png into --results '
                    '(by default they stay in --runs)')
+    p.add_argument('--sweep-part', default=None, help=argparse.SUPPRESS)      # K/J: one process of the sweep
     p.add_argument('extra', nargs='*', help='more train.py flags for the DE-CM runs (after --)')
     return p
 

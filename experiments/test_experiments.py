@@ -286,6 +286,11 @@ def test_pipeline_and_study_report_baselines_seeds_and_ratios(d8, tmp_path):
         assert len(line) == 1, (row, md)
         assert re.search(r'\d+\.\d\d \+- \d+\.\d\d \| \d+\.\d\d, \d+\.\d\d \|$', line[0]), line[0]   # 2 seeds
     assert fd[common.APG_KEY, 50] == pytest.approx(apgs[w])             # the same sampler, the same FD
+    teacher, t_stats, _ = sample.load_model(os.path.join(runs, 'teacher'))   # --jobs 2: the sweep ran in 2
+    real1 = common.real_pixels(20, data, seed=101)[0]                   # processes, cell by cell as here
+    one = common.fd_of(teacher, t_stats, 'teacher', 50, real1, 20, common.teacher_args(1.5, 'cfg'), 1, 'cpu')[0]
+    assert fd['teacher, plain CFG w = 1.5', 50][1] == pytest.approx(float(one), abs=1e-9)
+    assert all(os.path.exists(os.path.join(runs, 'logs', 'sweep', f'job00{k}.log')) for k in (0, 1))
     sweep = list(apgs.values()) + [fd[f'teacher, plain CFG w = {c}', 50] for c in ('1', '1.5')]
     best = min(sweep, key=lambda v: sum(v))                             # the teacher's best of all swept
     ratio = sum(a / b for a, b in zip(fd['DE-CM, CM sampler', 1], best)) / 2
