@@ -8,9 +8,12 @@ weight), distils DE-CM with each seed from the best APG setting (or --w-cfg), th
 at 1, 2, 4 NFE; Mix at 4) by pixel FD against the teacher's best setting of all swept. Writes RUNS/pipeline.md
 (FD table, mean +- sd over seeds, ratios and the paired noise test), RUNS/pipeline.json and RUNS/pipeline.png
 (sample grids of the first seed); --publish copies them into --results (experiments/results). Seed s trains
-DE-CM with seed s and samples every row with noise seed s against real subset s. Runs resume (--resume auto).
+DE-CM with seed s and samples every row with noise seed s against real subset s. --jobs J trains J runs and
+samples J cells of the sweep at a time, one process and one thread each. Runs resume (--resume auto), the FD
+cells are cached in RUNS/fd.json.
 """
 import argparse
+import glob
 import json
 import os
 import shlex
@@ -46,6 +49,8 @@ def pipeline(a):
     cache_path = os.path.join(a.runs, 'fd.json')
     parts = lambda j: [os.path.join(a.runs, f'fd_part{k}.json') for k in range(j)]
     cache = common.load_json(cache_path)
+    for part in glob.glob(os.path.join(a.runs, 'fd_part*.json')):   # also those of an interrupted sweep
+        cache.update(common.load_json(part))
     sweep = [(f'teacher, APG w = {w:g} (eta {a.eta:g})', 'apg', w, 50) for w in a.apg_sweep] + \
         [(f'teacher, plain CFG w = {w:g}', 'cfg', w, 50) for w in a.cfg_sweep]
     cells = [(s, row) for s in a.seeds for row in sweep if f'{row[0]}|50|{s}|{a.n}' not in cache]
@@ -59,7 +64,7 @@ def pipeline(a):
         if common.run_parallel([[__file__] + argv + [f'{k}/{a.jobs}'] for k in range(a.jobs)], a.jobs,
                                os.path.join(a.runs, 'logs', 'sweep')):
             raise ValueError(f'the guidance sweep failed: see {os.path.join(a.runs, "logs", "sweep")}')
-    for part in parts(a.jobs):                                 # also those of an interrupted sweep
+    for part in parts(a.jobs):
         cache.update(common.load_json(part))
     fds = {}                                                   # (row, nfe) -> [fd per seed]
     for (name, steps, _), v in common.teacher_fds(a, teacher_dir, a.seeds, dev, cache, cache_path,
@@ -67,6 +72,8 @@ def pipeline(a):
         fds.setdefault((name, steps), []).append(v)
     apg_rows = [(w, fds[name, 50]) for name, g, w, _ in sweep if g == 'apg']
     best_apg_w = min(apg_rows, key=lambda r: mean_sd(r[1])[0])[0]
+    if a.sweep_only:
+        return sweep_report(a, sweep, fds, best_apg_w, time.time() - t1)
     given, w_cfg = a.w_cfg, best_apg_w if a.w_cfg is None else a.w_cfg
     a.w_cfg = w_cfg                                            # the DE-CM runs distil this velocity
     if cache.get('w_cfg', w_cfg) != w_cfg:                     # the distilled rows of another w are stale
@@ -165,6 +172,21 @@ def pipeline(a):
           f'; checkpoints in {teacher_dir}/ and {", ".join(decm_dirs.values())}/')
 
 
+def sweep_report(a, sweep, fds, best_apg_w, secs):
+    """--sweep-only: RUNS/sweep.md, every setting against the best of all swept, paired by seed."""
+    best = min(sweep, key=lambda r: mean_sd(fds[r[0], 50])[0])[0]
+    lines = [f'# The teacher\'s guidance at 50 Euler steps: {len(a.seeds)} seed(s) {a.seeds}, {a.n} samples per FD, '
+             f'data {a.data or "built-in digits"}', '', '| setting | pixel FD (mean +- sd) | per seed | against the '
+             'best, paired by seed |', '|---|---|---|---|']
+    lines += [f'| {name} | {pm(fds[name, 50])} | {", ".join(f"{v:.3f}" for v in fds[name, 50])} | '
+              f'{"the best" if name == best else common.ordering(fds[name, 50], fds[best, 50])} |' for name, *_ in sweep]
+    lines += ['', f'The best APG weight (what DE-CM would distil): {best_apg_w:g}. {len(sweep) * len(a.seeds)} cells '
+              f'in {secs:.0f} s ({a.jobs} at a time; cached cells are not timed).', f'Command: {a.command}']
+    out = os.path.join(a.runs, 'sweep.md')
+    write_atomic(out, '\n'.join(lines) + '\n')
+    print('\n'.join(lines) + f'\npipeline: wrote {out}')
+
+
 def build_parser():
     p = common.parser(__doc__)
     common.add_run_flags(p, 'runs/pipe', w_cfg=None)
@@ -186,6 +208,8 @@ def build_parser():
                    'on the logit-normal runs 0.0625 beats 0.25, tuned on uniform-seg runs)')
     p.add_argument('--publish', action='store_true', help='also copy pipeline.md/.json/.png into --results '
                    '(by default they stay in --runs)')
+    p.add_argument('--sweep-only', action='store_true', help='stop after the guidance sweep: RUNS/sweep.md (every '
+                   'setting against the best, paired by seed); no DE-CM run')
     p.add_argument('--sweep-part', default=None, help=argparse.SUPPRESS)      # K/J: one process of the sweep
     p.add_argument('extra', nargs='*', help='more train.py flags for the DE-CM runs (after --)')
     return p

@@ -291,6 +291,13 @@ def test_pipeline_and_study_report_baselines_seeds_and_ratios(d8, tmp_path):
     one = common.fd_of(teacher, t_stats, 'teacher', 50, real1, 20, common.teacher_args(1.5, 'cfg'), 1, 'cpu')[0]
     assert fd['teacher, plain CFG w = 1.5', 50][1] == pytest.approx(float(one), abs=1e-9)
     assert all(os.path.exists(os.path.join(runs, 'logs', 'sweep', f'job00{k}.log')) for k in (0, 1))
+    out = run_script('pipeline', *common_flags, '--apg-sweep', '1.5', '2', '--skip-teacher', '--sweep-only')
+    assert last_line(out) == f'pipeline: wrote {runs}/sweep.md'      # the cached cells, no DE-CM run
+    rows = [x for x in open(os.path.join(runs, 'sweep.md')).read().splitlines() if x.startswith('| teacher')]
+    assert len(rows) == 4 and sum(x.endswith('| the best |') for x in rows) == 1, rows
+    assert [x for x in rows if x.startswith('| teacher, plain CFG w = 1.5 |')][0].split(' | ')[2] == \
+        ', '.join(f'{v:.3f}' for v in fd['teacher, plain CFG w = 1.5', 50])
+    assert f'The best APG weight (what DE-CM would distil): {w:g}.' in out
     sweep = list(apgs.values()) + [fd[f'teacher, plain CFG w = {c}', 50] for c in ('1', '1.5')]
     best = min(sweep, key=lambda v: sum(v))                             # the teacher's best of all swept
     ratio = sum(a / b for a, b in zip(fd['DE-CM, CM sampler', 1], best)) / 2
