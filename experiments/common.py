@@ -50,7 +50,7 @@ def run_main(ap, fn, argv=None, script=None):
     ValueError becomes one line `error: ...` and exit code 2."""
     a = ap.parse_args(argv)
     args = sys.argv[1:] if argv is None else [str(x) for x in argv]
-    a.command = ' '.join([f'python experiments/{script}'] + args)
+    a.command, a.argv = ' '.join([f'python experiments/{script}'] + args), args
     try:
         return fn(a)
     except ValueError as e:

@@ -16,7 +16,6 @@ import argparse
 import glob
 import json
 import os
-import shlex
 import shutil
 import sys
 import time
@@ -59,10 +58,9 @@ def pipeline(a):
         for s, row in cells[k::j]:
             common.teacher_fds(a, teacher_dir, [s], dev, cache, parts(j)[k], rows=[row])
         return
-    if a.jobs > 1 and cells:
-        argv = shlex.split(a.command)[2:] + ['--skip-teacher', '--sweep-part']
-        if common.run_parallel([[__file__] + argv + [f'{k}/{a.jobs}'] for k in range(a.jobs)], a.jobs,
-                               os.path.join(a.runs, 'logs', 'sweep')):
+    if a.jobs > 1 and cells:                                   # the part's flags first: train.py's come after --
+        parallel = [[__file__, '--skip-teacher', '--sweep-part', f'{k}/{a.jobs}'] + a.argv for k in range(a.jobs)]
+        if common.run_parallel(parallel, a.jobs, os.path.join(a.runs, 'logs', 'sweep')):
             raise ValueError(f'the guidance sweep failed: see {os.path.join(a.runs, "logs", "sweep")}')
     for part in parts(a.jobs):
         cache.update(common.load_json(part))

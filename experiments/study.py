@@ -145,6 +145,10 @@ def study_report(a, names, failed=()):
     tfd = load_json(os.path.join(a.runs, 'teacher_fd.json'))
     ref = {s: tfd.get(f'{common.APG_KEY}|50|{s}|{a.n}') for s in a.seeds}
     cfg = {w: [tfd.get(f'teacher, plain CFG w = {w:g}|50|{s}|{a.n}') for s in a.seeds] for w in a.cfg_sweep}
+    teachers = [(f'APG w = {a.w_cfg:g}', list(ref.values()))] + [(f'plain CFG w = {w:g}', v) for w, v in cfg.items()]
+    teachers = [t for t in teachers if None not in t[1]]       # (none yet: no step is reported either)
+    best_name, best = min(teachers, key=lambda t: mean_sd(t[1])[0]) if teachers else ('-', [None] * len(a.seeds))
+    best = dict(zip(a.seeds, best))                            # the teacher's best setting, per seed
     lines = ['# What closes the gap: the study', '',
              f'Each configuration is the pipeline\'s DE-CM run (batch {a.decm_batch}, lr {a.decm_lr:g}, w_cfg '
              f'{a.w_cfg:g}, eta {a.eta:g}, the pipeline\'s teacher) plus its flags, trained with seeds {a.seeds}; '
@@ -153,7 +157,9 @@ def study_report(a, names, failed=()):
              f'distilled velocity (APG) with the same seed: {pm(list(ref.values()))}.',
              'Plain CFG teacher at 50 steps: ' + '; '.join(f'w = {w:g}: {pm(v)}' for w, v in cfg.items()) + '.', '',
              '## Summary (mean +- sd over seeds of the ratio, at the last step every seed reached)', '',
-             '| configuration | flags | step | CM 1 NFE | CM 2 NFE | Mix 4 NFE |', '|---|---|---|---|---|---|']
+             f'Last three columns: the ratio to the teacher\'s best setting at 50 steps, {best_name}.', '',
+             '| configuration | flags | step | CM 1 NFE | CM 2 NFE | Mix 4 NFE | CM 1 / best | CM 2 / best | Mix 4 / best |',
+             '|---|---|---|---|---|---|---|---|---|']
     curves = {k: {} for k in ('cm1', 'cm2', 'mix4')}
     every = ['', '## Every run', '', '| configuration | seed | step | FD CM 1 | FD CM 2 | FD Mix 4 | ratio CM 1 | '
              'ratio CM 2 | ratio Mix 4 | FD CM 1 without the EMA |', '|---|---|---|---|---|---|---|---|---|---|']
@@ -174,10 +180,11 @@ def study_report(a, names, failed=()):
         if steps:
             st = steps[-1]
             r = {k: [ev[s][str(st)][k] / ref[s] for s in a.seeds] for k in curves}
+            rb = [pm([ev[s][str(st)][k] / best[s] for s in a.seeds], 3) for k in curves]
             summary.append((mean_sd(r['cm1'])[0], f'| {n} | {flags} | {st} | {pm(r["cm1"], 3)} | '
-                            f'{pm(r["cm2"], 3)} | {pm(r["mix4"], 3)} |'))
+                            f'{pm(r["cm2"], 3)} | {pm(r["mix4"], 3)} | ' + ' | '.join(rb) + ' |'))
         else:
-            summary.append((float('inf'), f'| {n} | {flags} | not reached | | | |'))
+            summary.append((float('inf'), f'| {n} | {flags} | not reached | | | | | | |'))
     lines += [row for _, row in sorted(summary, key=lambda r: r[0])]
     lines += ['', 'Configurations: ' + '; '.join(f'**{n}**: {DESC[n]}' for n in names) + '.']
     if failed:

@@ -337,6 +337,11 @@ def test_pipeline_and_study_report_baselines_seeds_and_ratios(d8, tmp_path):
     assert '| base | --lr 3e-4 | 2 |' in md and 'Command: python experiments/study.py' in md
     evals = json.load(open(os.path.join(runs, 'ew-rmax0.2-s1', 'evals.json')))
     assert all({'mix4', 'mix4_t0.0625', 'mix4_t0.125', 'cm1_raw'} <= set(evals[k]) for k in ('1', '2')), evals
+    tfd = json.load(open(os.path.join(runs, 'teacher_fd.json')))          # the ratio to the teacher's best
+    best = min(tfd[k] for k in [f'{common.APG_KEY}|50|1|20'] + [f'teacher, plain CFG w = {w}|50|1|20' for w in (1, 1.5)])
+    cm1 = json.load(open(os.path.join(runs, 'base-s1', 'evals.json')))['2']['cm1']
+    row = [x for x in md.splitlines() if x.startswith('| base | --lr 3e-4 | 2 |')][0]
+    assert row.split(' | ')[6] == f'{cm1 / best:.3f}' and '| CM 1 / best |' in md, row
     base = train.load_student_checkpoint(train.latest_checkpoint(os.path.join(runs, 'base-s1')))['args']
     assert base['r_max'] == 0.05 and not base['ema_warmup'] and base['lr'] == 3e-4   # the study as recorded
     with Image.open(tmp_path / 'res' / 'study.png') as im:
