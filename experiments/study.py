@@ -57,8 +57,8 @@ STUDY = [
      ['--lr', '1e-3', '--ema-warmup', '--r-max', '0.2', '--ema', '0.999']),
     ('ew-rmax0.2-logitnorm', 'lr 1e-3, EMA warm-up, r_max 0.2, logit-normal t schedule (Table 3 (l))',
      ['--lr', '1e-3', '--ema-warmup', '--r-max', '0.2', '--schedule', 'logit-normal']),
-    ('ew-rmax0.2-logitnorm-ema0.999', 'the pipeline\'s DE-CM run (lr 1e-3, r_max 0.2, logit-normal t) with the EMA '
-     'warm-up to 0.999', ['--lr', '1e-3', '--ema-warmup', '--r-max', '0.2', '--schedule', 'logit-normal', '--ema', '0.999']),
+    ('ew-rmax0.2-logitnorm-lr3e-4', 'the pipeline\'s DE-CM run (EMA warm-up, r_max 0.2, logit-normal t) at lr 3e-4',
+     ['--lr', '3e-4', '--ema-warmup', '--r-max', '0.2', '--schedule', 'logit-normal']),
     ('ew-rmax0.2-b128', 'lr 1e-3, EMA warm-up, r_max 0.2, batch 128 (study part H ran it from a copy of the '
      'ew-rmax0.2-ema0.999 runs at 2,400 iterations)', ['--lr', '1e-3', '--ema-warmup', '--r-max', '0.2', '--batch', '128']),
     ('b256-lr2e-3', 'batch 256, lr 2e-3', ['--batch', '256', '--lr', '2e-3']),
