@@ -46,24 +46,22 @@ def pipeline(a):
     # The teacher at 50 steps on every guidance setting swept: APG (the rule train.py distils) and plain CFG.
     # With --jobs J, J processes (this script with --sweep-part K/J) share the cells; their caches are merged.
     cache_path = os.path.join(a.runs, 'fd.json')
-    parts = lambda j: [os.path.join(a.runs, f'fd_part{k}.json') for k in range(j)]
     cache = common.load_json(cache_path)
-    for part in glob.glob(os.path.join(a.runs, 'fd_part*.json')):   # also those of an interrupted sweep
-        cache.update(common.load_json(part))
+    merge = lambda: [cache.update(common.load_json(p)) for p in glob.glob(os.path.join(a.runs, 'fd_part*.json'))]
+    merge()                                                    # also the cells of an interrupted sweep
     sweep = [(f'teacher, APG w = {w:g} (eta {a.eta:g})', 'apg', w, 50) for w in a.apg_sweep] + \
         [(f'teacher, plain CFG w = {w:g}', 'cfg', w, 50) for w in a.cfg_sweep]
     cells = [(s, row) for s in a.seeds for row in sweep if f'{row[0]}|50|{s}|{a.n}' not in cache]
     if a.sweep_part:                                           # one process of the parallel sweep
         k, j = map(int, a.sweep_part.split('/'))
         for s, row in cells[k::j]:
-            common.teacher_fds(a, teacher_dir, [s], dev, cache, parts(j)[k], rows=[row])
+            common.teacher_fds(a, teacher_dir, [s], dev, cache, os.path.join(a.runs, f'fd_part{k}.json'), rows=[row])
         return
     if a.jobs > 1 and cells:                                   # the part's flags first: train.py's come after --
         parallel = [[__file__, '--skip-teacher', '--sweep-part', f'{k}/{a.jobs}'] + a.argv for k in range(a.jobs)]
         if common.run_parallel(parallel, a.jobs, os.path.join(a.runs, 'logs', 'sweep')):
             raise ValueError(f'the guidance sweep failed: see {os.path.join(a.runs, "logs", "sweep")}')
-    for part in parts(a.jobs):
-        cache.update(common.load_json(part))
+    merge()
     fds = {}                                                   # (row, nfe) -> [fd per seed]
     for (name, steps, _), v in common.teacher_fds(a, teacher_dir, a.seeds, dev, cache, cache_path,
                                                   rows=sweep).items():
@@ -179,7 +177,7 @@ def sweep_report(a, sweep, fds, best_apg_w, secs):
     lines += [f'| {name} | {pm(fds[name, 50])} | {", ".join(f"{v:.3f}" for v in fds[name, 50])} | '
               f'{"the best" if name == best else common.ordering(fds[name, 50], fds[best, 50])} |' for name, *_ in sweep]
     lines += ['', f'The best APG weight (what DE-CM would distil): {best_apg_w:g}. {len(sweep) * len(a.seeds)} cells '
-              f'in {secs:.0f} s ({a.jobs} at a time; cached cells are not timed).', f'Command: {a.command}']
+              f'({secs:.0f} s in this command, {a.jobs} at a time; cells cached before it cost nothing).', f'Command: {a.command}']
     out = os.path.join(a.runs, 'sweep.md')
     write_atomic(out, '\n'.join(lines) + '\n')
     print('\n'.join(lines) + f'\npipeline: wrote {out}')
