@@ -1,6 +1,6 @@
 """The paper's Table 3 (ablations (a)-(o)) and Table 4 (samplers) in miniature, over seeds.
 
-    python experiments/tables.py [--quick] [--rows c d e f g i k l m o] [--seeds 0 1 2] [--jobs 2]
+    python experiments/tables.py [--quick] [--rows c d e f g i k l m o p q r] [--seeds 0 1 2] [--jobs 2]
 
 One teacher, then every Table 3 variant of --rows distilled from it with the same budget, for each of --seeds
 (seed s trains every variant and samples every cell with noise seed s against real subset s). Columns STEP=1,
@@ -48,6 +48,10 @@ TABLE3 = [
     ('m', 'Frequency Hyperparameter', 'freq = 1', ['--losses', 'fm,cm,n2n', '--freq', '1']),
     ('n', 'Frequency Hyperparameter', 'freq = 3 (Ours)', 'g'),
     ('o', 'Frequency Hyperparameter', 'freq = 5', ['--losses', 'fm,cm,n2n', '--freq', '5']),
+    ('p', 'N2N ablations (not in the paper)', 'v_psi at the interpolated x_t (Alg. 1 l.23)',
+     ['--losses', 'fm,cm,n2n', '--vpsi', 'interp']),
+    ('q', 'N2N ablations (not in the paper)', 'lambda = 0.5 (gamma = 1)', ['--losses', 'fm,cm,n2n', '--lam', '0.5']),
+    ('r', 'N2N ablations (not in the paper)', 'r_max = 1 (r uniform on [0, t])', ['--losses', 'fm,cm,n2n', '--r-max', '1']),
 ]
 # The paper's FID on ImageNet-256 (Table 3: STEP = 1, 2, 4, 50; Table 4: NFE = 4, 8, 12, 16).
 PAPER_T3 = {
@@ -63,12 +67,13 @@ PAPER_T4 = [('euler', 'Euler ODE Sampler', (76.15, 8.26, 3.61, 2.38)),
             ('mix', 'Mix Sampler', (1.41, 1.51, 1.53, 1.42))]
 SHORT = {'a': 'teacher', 'b': 'teacher + CFG', 'c': 'FM', 'd': 'CD', 'e': 'FM+CD', 'f': 'FM+N2N',
          'g': 'FM+CD+N2N (=h,j,n)', 'i': 'no vnorm', 'k': 'arctan', 'l': 'logit-normal', 'm': 'freq 1',
-         'o': 'freq 5'}
+         'o': 'freq 5', 'p': 'v_psi interp', 'q': 'lambda 0.5', 'r': 'r_max 1'}
 # The orderings the tables are read for: (first, second, what the comparison is about).
 T3_PAIRS = [('g', 'e', 'N2N added to FM + CD'), ('e', 'd', 'FM added to CD'), ('e', 'c', 'CD added to FM'),
             ('f', 'g', 'FM + N2N against the full model'), ('h', 'i', 'velocity normalisation on / off'),
             ('j', 'k', 'uniform-with-N-seg against arctan'), ('j', 'l', 'uniform-with-N-seg against logit-normal'),
-            ('n', 'm', 'freq 3 against freq 1'), ('n', 'o', 'freq 3 against freq 5')]
+            ('n', 'm', 'freq 3 against freq 1'), ('n', 'o', 'freq 3 against freq 5'),
+            ('g', 'p', 'v_psi pred against interp'), ('g', 'q', 'lambda 1 against 0.5'), ('g', 'r', 'r_max against 1')]
 T4_PAIRS = [('mix', 'cm', 'Mix against CM'), ('mix', 'euler', 'Mix against Euler ODE')]
 TEACHER_ROWS = {'a': ('cfg', 1.0), 'b': ('cfg', None), 'b*': ('apg', None)}   # None: --w-cfg
 
@@ -93,7 +98,7 @@ def tables(a):
     if a.n < 2:
         raise ValueError(f'--n {a.n}: need at least 2 samples per FD')
     all_runs = {k: flags for k, _, _, flags in TABLE3 if isinstance(flags, list)}
-    keys = a.rows or list(all_runs)
+    keys = a.rows or [k for k in all_runs if k in PAPER_T3]     # default: the paper's rows
     bad = [k for k in keys if k not in all_runs]
     if bad or 'g' not in keys:
         raise ValueError(f'--rows {" ".join(keys)}: give rows from {" ".join(all_runs)}, with g (the full model: '
@@ -247,13 +252,13 @@ def tables(a):
               f'error, else "within noise" (one seed: "n/a (one seed)", there is no noise to test against). The '
               f'paper\'s ordering in brackets.', '', '| first / second | STEP=1 | STEP=2 | STEP=4 | STEP=50 |',
               '|---|---|---|---|---|']
-    paper_order = lambda x, y: 'better' if x < y else 'worse' if x > y else 'equal'
+    paper_order = lambda x, y: '-' if x is None or y is None else 'better' if x < y else 'worse' if x > y else 'equal'
     for first, second, what in T3_PAIRS:
         if first not in shown or second not in shown:
             continue
         lines.append(f'| ({first}) / ({second}): {what} | ' + ' | '.join(
             f'{common.ordering(f, s_)} ({paper_order(pf, ps)})' for f, s_, pf, ps in
-            zip(row3(first), row3(second), PAPER_T3[first], PAPER_T3[second])) + ' |')
+            zip(row3(first), row3(second), PAPER_T3.get(first, [None] * 4), PAPER_T3.get(second, [None] * 4))) + ' |')
     paper4 = {smp: p for smp, _, p in PAPER_T4}
     lines += ['', '| Table 4, first / second | NFE=4 | NFE=8 | NFE=12 | NFE=16 |', '|---|---|---|---|---|']
     for first, second, what in T4_PAIRS:
@@ -265,7 +270,7 @@ def tables(a):
                   else f'teacher {teacher_ckpt} (given)')
     lines += ['', f'Mix sampler: {mix}.', '',
               f'Budget: {teacher_of}; each variant {a.decm_steps} DE-CM iterations (lr {a.decm_lr:g}, CFG w '
-              f'{a.w_cfg:g}, eta {a.eta:g}, r_max {a.r_max:g}, t schedule {a.schedule or "uniform-seg"} but in (k), (l); '
+              f'{a.w_cfg:g}, eta {a.eta:g}, r_max {a.r_max:g}, t schedule {a.schedule or "uniform-seg"} but in (k), (l), r_max but in (r); '
               f'(j) is (g) with that schedule'
               f'{", EMA warm-up" if a.ema_warmup else ", constant EMA 0.995"}), batch {a.batch}. The paper trains '
               f'250 epochs on ImageNet; here the rows compare short distillation runs, not converged models '
@@ -309,8 +314,9 @@ def build_parser():
     p.add_argument('--n', type=int, default=None, help='samples per FD (default 1000, quick 200)')
     p.add_argument('--seeds', type=int, nargs='+', default=None, help='seeds: seed s trains every variant and '
                    'samples every cell (default 0 1 2; quick: 0)')
-    p.add_argument('--rows', nargs='+', default=None, help='the variant runs to make, from c d e f g i k l m o '
-                   '(default all; g is always needed): fewer rows, not fewer seeds, to save time')
+    p.add_argument('--rows', nargs='+', default=None, help='the variant runs to make, from c d e f g i k l m o p q r '
+                   '(default: the paper\'s, all but the N2N ablations p q r; g is always needed): fewer rows, not '
+                   'fewer seeds, to save time')
     p.add_argument('--eta', type=float, default=0.05, help='APG eta of the distilled velocity and of row (b*)')
     p.add_argument('--r-max', type=common.bounded(float, 0, 1), default=0.05, help='train.py --r-max of every '
                    'variant (0.05, the value the recorded tables were made with; the study found 0.2 better)')
