@@ -145,6 +145,7 @@ def tables(a):
         raise ValueError(f'{teacher_ckpt} has no data statistics: tables needs a teacher trained by train.py')
     cells = [(k, table3_sampler(k, s), s) for k in list(TEACHER_ROWS) + list(runs) for s in T3_STEPS]
     cells += [('g', smp, nfe) for smp, _, _ in PAPER_T4 for nfe in T4_NFE]
+    cells += [('e', 'mix', nfe) for nfe in T4_NFE if 'e' in runs]   # the Mix sampler without N2N training
     cells = list(dict.fromkeys(cells))                         # (g, cm, 4) is in both tables
     cache_path = os.path.join(a.runs, 'fd.json')
     cache = common.load_json(cache_path)
@@ -246,6 +247,9 @@ def tables(a):
     for smp, label, paper in PAPER_T4:
         lines.append(f'| {label} | ' + ' | '.join(cell(fd['g', smp, n]) for n in T4_NFE) + ' | '
                      + ' | '.join(f'{v:.2f}' for v in paper) + ' |')
+    if 'e' in runs:
+        lines.append('| Mix Sampler on (e), FM + CD: no N2N (not in the paper) | ' + ' | '.join(
+            cell(fd['e', 'mix', n]) for n in T4_NFE) + ' | - | - | - | - |')
     lines += ['', '## Orderings against the noise', '',
               f'Each cell: the first row against the second, by the mean over the {len(a.seeds)} seeds: "better" '
               f'or "worse" when the mean of the per-seed differences (paired by seed) is more than twice its standard '
@@ -265,6 +269,9 @@ def tables(a):
         lines.append(f'| {what} | ' + ' | '.join(
             f'{common.ordering(fd["g", first, n], fd["g", second, n])} ({paper_order(pf, ps)})'
             for n, pf, ps in zip(T4_NFE, paper4[first], paper4[second])) + ' |')
+    if 'e' in runs:
+        lines.append('| Mix on (g) against Mix on (e): what N2N gives the Mix sampler | ' + ' | '.join(
+            f'{common.ordering(fd["g", "mix", n], fd["e", "mix", n])} (-)' for n in T4_NFE) + ' |')
     mix = f'half of the NFE as deterministic flow-map steps up to t = {a.mix_t:g}, then CM steps'
     teacher_of = (f'teacher {a.teacher_steps} FM iterations (lr {a.teacher_lr:g}, seed {a.seeds[0]})' if not a.teacher
                   else f'teacher {teacher_ckpt} (given)')

@@ -167,6 +167,9 @@ def test_tables_writes_every_row_of_table_3_and_table_4(tiny_tables):
     cells = {(c['row'], c['sampler'], c['nfe']): c['fd'] for c in raw['fd']}
     assert all(len(v) == 2 for v in cells.values()) and raw['seeds'] == [0, 1]
     assert ('a', 'teacher', 50) in cells and ('b*', 'teacher', 50) in cells and ('g', 'mix', 16) in cells
+    assert ('e', 'mix', 16) in cells and ('e', 'euler', 8) not in cells   # Table 4's Mix on (e): no N2N
+    assert md.count('| Mix Sampler on (e), FM + CD: no N2N') == 1
+    assert re.search(r'\| Mix on \(g\) against Mix on \(e\)[^|]*( \| (better|worse|within noise) \(-\)){4} \|', md), md
     assert ('h', 'cm', 1) not in cells                                  # (h), (j), (n) reuse the run of (g)
     assert cells['a', 'teacher', 50] != cells['b*', 'teacher', 50]      # (b*) is guided, (a) is not
     runs = [f'{k}-s{s}' for k in ROWS for s in (0, 1)]
