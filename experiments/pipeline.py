@@ -128,7 +128,8 @@ def pipeline(a):
         lines.append(f'| {label} | {nfe} | {pm(vals)} | {", ".join(f"{v:.2f}" for v in vals)} |')
     lines += ['', f'The teacher\'s best setting at 50 steps of all swept (APG w {a.apg_sweep} at eta {a.eta:g}; plain '
               f'CFG w {a.cfg_sweep}; lowest mean FD): {strongest_name}, {pm(strongest)}. DE-CM distils APG w = '
-              f'{w_cfg:g}' + (f' (one grid step weaker than the best APG setting swept, w = {best_apg_w:g}).'
+              f'{w_cfg:g}' + (f' (the rule: one grid step weaker than the best APG setting swept, w = {best_apg_w:g}; w 1 '
+                                 'when none is weaker).'
                               if given is None else ' (--w-cfg).'), '',
               'Ratios of DE-CM to the teacher (mean of the per-seed ratios +- sd):', '',
               '| DE-CM sampler | NFE | / distilled-velocity teacher, 50 steps | / the teacher\'s best setting, 50 steps '

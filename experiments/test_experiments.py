@@ -284,7 +284,8 @@ def test_pipeline_and_study_report_baselines_seeds_and_ratios(d8, tmp_path):
     best_w = min(apgs, key=lambda w: sum(apgs[w]))                      # DE-CM distils one step weaker (1 below 1.5)
     assert raw['w_cfg'] == {1.5: 1.0, 2.0: 1.5}[best_w] and raw['eta'] == 0.05 and raw['data'] == str(data)
     w = raw['w_cfg']
-    assert f'DE-CM distils APG w = {w:g} (one grid step weaker than the best APG setting swept, w = {best_w:g}).' in md
+    assert (f'DE-CM distils APG w = {w:g} (the rule: one grid step weaker than the best APG setting swept, '
+            f'w = {best_w:g}; w 1 when none is weaker).') in md
     for row in [f'| teacher, distilled velocity (APG w = {w:g}, eta 0.05) | 1', f'| teacher, distilled velocity '
                 f'(APG w = {w:g}, eta 0.05) | 50', '| teacher, APG w = 1.5 (eta 0.05) | 50',
                 '| teacher, APG w = 2 (eta 0.05) | 50', '| teacher, plain CFG w = 1 | 50',
