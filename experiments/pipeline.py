@@ -6,12 +6,11 @@ Builds the data, trains a flow-matching teacher (train.py --losses fm --teacher 
 50 Euler steps (APG, the rule train.py distils, at each --apg-sweep weight; plain CFG at each --cfg-sweep
 weight), distils DE-CM with each seed from the APG weight one grid step weaker than the best (w 1 below the
 weakest; or --w-cfg), then scores DE-CM's samplers (CM at 1, 2, 4 NFE; Mix at 4) by pixel FD against the
-teacher's best setting of all swept. Writes RUNS/pipeline.md
-(FD table, mean +- sd over seeds, ratios and the paired noise test), RUNS/pipeline.json and RUNS/pipeline.png
-(sample grids of the first seed); --publish copies them into --results (experiments/results). Seed s trains
-DE-CM with seed s and samples every row with noise seed s against real subset s. --jobs J trains J runs and
-samples J cells of the sweep at a time, one process and one thread each. Runs resume (--resume auto), the FD
-cells are cached in RUNS/fd.json.
+teacher's best setting of all swept. Writes RUNS/pipeline.md (FD table, mean +- sd over seeds, ratios and the
+paired noise test), RUNS/pipeline.json and RUNS/pipeline.png (sample grids of the first seed); --publish
+copies them into --results (experiments/results). Seed s trains DE-CM with seed s and samples every row with
+noise seed s against real subset s. --jobs J trains J runs and samples J cells of the sweep at a time, one
+process and one thread each. Runs resume (--resume auto), the FD cells are cached in RUNS/fd.json.
 """
 import argparse
 import glob
@@ -70,7 +69,7 @@ def pipeline(a):
     apg_rows = [(w, fds[name, 50]) for name, g, w, _ in sweep if g == 'apg']
     best_apg_w = min(apg_rows, key=lambda r: mean_sd(r[1])[0])[0]
     weaker = sorted(w for w in a.apg_sweep if w < best_apg_w)  # distil one grid step weaker than the best (w 1:
-    distil_w = weaker[-1] if weaker else 1.0                   # no guidance); it wins on both datasets
+    distil_w = weaker[-1] if weaker else min(1.0, best_apg_w)  # no guidance); it wins on both datasets
     if a.sweep_only:
         return sweep_report(a, sweep, fds, best_apg_w, distil_w, time.time() - t1)
     given, w_cfg = a.w_cfg, distil_w if a.w_cfg is None else a.w_cfg
