@@ -269,6 +269,12 @@ def test_mix_sweeps_the_switch(tiny_tables, d8, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- pipeline and study
+def test_pipeline_distils_one_grid_step_weaker_than_the_best():
+    grid = [3.0, 1.25, 2.0, 1.5]                                        # in any order
+    assert [pipeline.weaker_weight(grid, b) for b in (3.0, 2.0, 1.5, 1.25)] == [2.0, 1.5, 1.25, 1.0]
+    assert pipeline.weaker_weight([1.0, 2.0], 1.0) == 1.0 and pipeline.weaker_weight([0.5, 2.0], 0.5) == 0.5
+
+
 def test_pipeline_and_study_report_baselines_seeds_and_ratios(d8, tmp_path):
     data = d8
     runs = str(tmp_path / 'runs')
