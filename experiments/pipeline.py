@@ -145,7 +145,7 @@ def pipeline(a):
               f'({strongest_name}). "Beyond noise": the mean of the per-seed differences (paired by seed) is more '
               f'than twice its standard error over the {len(a.seeds)} seed(s) (one seed: no test); the floor (two '
               f'sets of real data) is {pm(fds["two sets of real data", "-"])}.',
-              f'Settings: teacher {a.teacher_steps} flow-matching iterations (batch {a.batch}, lr {a.teacher_lr:g}, '
+              f'Settings: teacher {a.teacher_steps} flow-matching iterations (preset {a.preset}, batch {a.batch}, lr {a.teacher_lr:g}, '
               f'seed {a.teacher_seed}); DE-CM {a.decm_steps} iterations per seed (batch {a.decm_batch}, lr '
               f'{a.decm_lr:g}, w_cfg {w_cfg:g}, eta {a.eta:g}{", EMA warm-up" if a.ema_warmup else ""}, '
               f'r_max {a.decm_r_max:g}, t schedule {a.decm_schedule}{", " + " ".join(a.extra) if a.extra else ""}); '

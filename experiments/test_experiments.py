@@ -31,6 +31,7 @@ import figures  # noqa: E402
 import gpu  # noqa: E402
 import jvp_dtype  # noqa: E402
 import mix  # noqa: E402
+import model  # noqa: E402
 import pipeline  # noqa: E402
 import regress  # noqa: E402
 import sample  # noqa: E402
@@ -273,6 +274,14 @@ def test_pipeline_distils_one_grid_step_weaker_than_the_best():
     grid = [3.0, 1.25, 2.0, 1.5]                                        # in any order
     assert [pipeline.weaker_weight(grid, b) for b in (3.0, 2.0, 1.5, 1.25)] == [2.0, 1.5, 1.25, 1.0]
     assert pipeline.weaker_weight([1.0, 2.0], 1.0) == 1.0 and pipeline.weaker_weight([0.5, 2.0], 0.5) == 0.5
+
+
+def test_pipeline_preset_is_the_teachers_and_so_the_students(d8, tmp_path):
+    a = pipeline.build_parser().parse_args(['--runs', str(tmp_path), '--teacher-steps', '1', '--batch', '8',
+                                            '--data', d8, '--device', 'cpu', '--threads', '1', '--preset', 'small'])
+    _, ckpt = common.train_teacher(a)
+    assert train.load_student_checkpoint(ckpt)['model_config']['preset'] == 'small'
+    assert model.student_from_teacher(sample.load_model(ckpt)[0]).config['preset'] == 'small'
 
 
 def test_pipeline_and_study_report_baselines_seeds_and_ratios(d8, tmp_path):
