@@ -270,8 +270,9 @@ def add_run_flags(p, runs, w_cfg=2.0):
     p.add_argument('--teacher-steps', type=int, default=2000, help='teacher flow-matching iterations')
     p.add_argument('--teacher-lr', type=float, default=1e-3, help='teacher learning rate')
     p.add_argument('--teacher-seed', type=int, default=0, help='seed of the teacher run')
-    p.add_argument('--preset', default='tiny', choices=['tiny', 'small'], help='architecture of the teacher and '
-                   'so of DE-CM (small, 1.87M parameters: closer to the teacher on UCI, experiments/README.md)')
+    p.add_argument('--preset', choices=['tiny', 'small'], help='architecture of the teacher and so of DE-CM '
+                   '(default tiny, or with --skip-teacher the teacher\'s; small, 1.87M parameters: closer to the '
+                   'teacher on UCI, experiments/README.md)')
     p.add_argument('--batch', type=int, default=128, help='teacher batch size')
     p.add_argument('--skip-teacher', action='store_true', help='reuse RUNS/teacher as it is')
     p.add_argument('--decm-batch', type=int, default=64, help='DE-CM batch size')
@@ -322,11 +323,15 @@ def train_teacher(a):
     if not a.skip_teacher:
         run_train(['--seed', str(a.teacher_seed), '--batch', str(a.batch), '--losses', 'fm', '--teacher', 'none',
                    '--out', teacher_dir, '--steps', str(a.teacher_steps), '--lr', str(a.teacher_lr),
-                   '--device', a.device, '--amp', a.amp, '--resume', 'auto', '--no-ema-warmup', '--preset', a.preset] +
+                   '--device', a.device, '--amp', a.amp, '--resume', 'auto', '--no-ema-warmup', '--preset', a.preset or 'tiny'] +
                   (['--data', a.data] if a.data else []) + threads_flag(a))
     ckpt = train.latest_checkpoint(teacher_dir)
     if ckpt is None:
         raise ValueError(f'--runs {a.runs}: no teacher in {teacher_dir} (drop --skip-teacher to train one)')
+    preset = train.load_student_checkpoint(ckpt)['model_config']['preset']
+    if a.preset not in (None, preset):
+        raise ValueError(f'--preset {a.preset}: the teacher in {teacher_dir} is {preset} (drop --preset to reuse it)')
+    a.preset = preset                                          # what the reports print
     return teacher_dir, ckpt
 
 

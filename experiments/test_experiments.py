@@ -282,6 +282,11 @@ def test_pipeline_preset_is_the_teachers_and_so_the_students(d8, tmp_path):
     _, ckpt = common.train_teacher(a)
     assert train.load_student_checkpoint(ckpt)['model_config']['preset'] == 'small'
     assert model.student_from_teacher(sample.load_model(ckpt)[0]).config['preset'] == 'small'
+    a = pipeline.build_parser().parse_args(['--runs', str(tmp_path), '--skip-teacher'])
+    assert common.train_teacher(a)[1] == ckpt and a.preset == 'small'      # the reports print the teacher's
+    with pytest.raises(ValueError, match='--preset tiny: the teacher in .* is small'):
+        common.train_teacher(pipeline.build_parser().parse_args(['--runs', str(tmp_path), '--skip-teacher',
+                                                                 '--preset', 'tiny']))
 
 
 def test_pipeline_and_study_report_baselines_seeds_and_ratios(d8, tmp_path):
