@@ -323,7 +323,8 @@ def train_teacher(a):
     if not a.skip_teacher:
         run_train(['--seed', str(a.teacher_seed), '--batch', str(a.batch), '--losses', 'fm', '--teacher', 'none',
                    '--out', teacher_dir, '--steps', str(a.teacher_steps), '--lr', str(a.teacher_lr),
-                   '--device', a.device, '--amp', a.amp, '--resume', 'auto', '--no-ema-warmup', '--preset', a.preset or 'tiny'] +
+                   '--device', a.device, '--amp', a.amp, '--resume', 'auto', '--no-ema-warmup',
+                   '--preset', a.preset or 'tiny'] +
                   (['--data', a.data] if a.data else []) + threads_flag(a))
     ckpt = train.latest_checkpoint(teacher_dir)
     if ckpt is None:
