@@ -5,8 +5,9 @@
 One row per --mix-det (0 = the CM sampler, the same in every column), one column per switch time --mix-t.
 Checkpoint k (of a run trained with seed k, say) samples with noise seed --seeds[k] against real subset
 --seeds[k], as the pipeline does; each cell is the mean +- sd over them. With --teacher-fd (the pipeline's
-RUNS/fd.json or the study's RUNS/teacher_fd.json) the same cells follow as ratios to the distilled-velocity
-teacher at 50 steps, paired by seed. Prints a markdown table (nothing is written).
+RUNS/fd.json or the study's RUNS/teacher_fd.json) the same cells follow as ratios to the teacher's best setting
+at 50 steps in that cache (the lowest mean FD of its teacher rows, the distilled velocity among them), paired by
+seed. Prints a markdown table (nothing is written).
 """
 import os
 import sys
@@ -26,11 +27,14 @@ def mix_sweep(a):
     seeds = a.seeds or list(range(len(a.ckpt)))
     if len(seeds) != len(a.ckpt):
         raise ValueError(f'--seeds {" ".join(map(str, seeds))}: give one seed per --ckpt ({len(a.ckpt)})')
-    ref = common.load_json(a.teacher_fd)
-    base = [ref.get(f'{common.APG_KEY}|50|{s}|{a.n}') for s in seeds]
-    if a.teacher_fd and not all(base):
-        raise ValueError(f'--teacher-fd {a.teacher_fd}: no distilled-velocity teacher FD at 50 steps for seeds '
-                         f'{seeds} and --n {a.n}; run experiments/pipeline.py or experiments/study.py with these first')
+    ref = common.load_json(a.teacher_fd)                       # the teacher's rows at 50 steps, every seed
+    teach = {k.split('|')[0] for k in ref if k.startswith('teacher') and k.endswith(f'|50|{seeds[0]}|{a.n}')}
+    teach = {r: [ref.get(f'{r}|50|{s}|{a.n}') for s in seeds] for r in teach}
+    teach = {r: v for r, v in teach.items() if all(v)}
+    if a.teacher_fd and not teach:
+        raise ValueError(f'--teacher-fd {a.teacher_fd}: no teacher FD at 50 steps for seeds {seeds} and --n {a.n}; '
+                         'run experiments/pipeline.py or experiments/study.py with these first')
+    best, base = min(sorted(teach.items()), key=lambda r: (sum(r[1]), r[0] == common.APG_KEY)) if teach else (None, [])
     runs = []
     for ckpt, s in zip(a.ckpt, seeds):
         model, stats, path = sample.load_model(ckpt)
@@ -62,8 +66,8 @@ def mix_sweep(a):
                  f'of {a.n} samples against {a.n} real digits' + (' (mean +- sd)' if len(runs) > 1 else '') +
              f'; {time.time() - t0:.0f} s on {torch.get_num_threads()} thread(s).']
     if a.teacher_fd:
-        rows += ['', 'The same cells as ratios to the distilled-velocity teacher at 50 steps (FDs ' +
-                 ', '.join(f'{b:.3f}' for b in base) + f' from {a.teacher_fd}; mean of the per-seed ratios +- sd; '
+        rows += ['', f'The same cells as ratios to the teacher\'s best setting at 50 steps in {a.teacher_fd} '
+                 f'({best}, FDs ' + ', '.join(f'{b:.3f}' for b in base) + '; mean of the per-seed ratios +- sd; '
                  '"worse"/"better": the paired difference is beyond twice its standard error):', ''] + ratio_rows
     print('\n'.join(rows))
     print('mix: wrote no file (the table is above)')
@@ -81,8 +85,9 @@ def build_parser():
                    default=[0.25, 0.5, 0.75], help='switch times --mix-t to try')
     p.add_argument('--n', type=B(int, 2), default=2000, help='samples per FD')
     p.add_argument('--data', default=None, help='latents folder of the real images (default: the built-in digits)')
-    p.add_argument('--teacher-fd', default=None, help="an FD cache with the distilled-velocity teacher at 50 steps "
-                   "(the pipeline's RUNS/fd.json or the study's RUNS/teacher_fd.json): adds ratios to it, paired by seed")
+    p.add_argument('--teacher-fd', default=None, help="an FD cache with the teacher at 50 steps (the "
+                   "pipeline's RUNS/fd.json or the study's RUNS/teacher_fd.json): adds ratios to its best setting there, "
+                   "paired by seed")
     p.add_argument('--threads', type=B(int, 0), default=0, help='torch.set_num_threads (0: the default)')
     return p
 

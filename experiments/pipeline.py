@@ -5,7 +5,7 @@
 Builds the data, trains a flow-matching teacher (train.py --losses fm --teacher none), sweeps its guidance at
 50 Euler steps (APG, the rule train.py distils, at each --apg-sweep weight; plain CFG at each --cfg-sweep
 weight), distils DE-CM with each seed from the APG weight one grid step weaker than the best (w 1 below the
-weakest; or --w-cfg), then scores DE-CM's samplers (CM at 1, 2, 4 NFE; Mix at 4) by pixel FD against the
+weakest; or --w-cfg), then scores DE-CM's samplers (CM at 1, 2, 4 NFE; Mix at 2 and 4) by pixel FD against the
 teacher's best setting of all swept. Writes RUNS/pipeline.md (FD table, mean +- sd over seeds, ratios and the
 paired noise test), RUNS/pipeline.json and RUNS/pipeline.png (sample grids of the first seed); --publish
 copies them into --results (experiments/results). Seed s trains DE-CM with seed s and samples every row with
@@ -94,7 +94,7 @@ def pipeline(a):
     t3 = time.time()
 
     decm_rows = [('DE-CM, CM sampler', 'cm', 1), ('DE-CM, CM sampler', 'cm', 2), ('DE-CM, CM sampler', 'cm', 4),
-                 ('DE-CM, Mix sampler', 'mix', 4)]
+                 ('DE-CM, Mix sampler', 'mix', 2), ('DE-CM, Mix sampler', 'mix', 4)]
     for seed in tqdm(a.seeds, desc='pipeline: DE-CM samplers', dynamic_ncols=True):
         real2, real_y = common.real_pixels(2 * a.n, a.data, seed=100 + seed)
         real = real2[:a.n]
@@ -149,7 +149,7 @@ def pipeline(a):
               f'seed {a.teacher_seed}); DE-CM {a.decm_steps} iterations per seed (batch {a.decm_batch}, lr '
               f'{a.decm_lr:g}, w_cfg {w_cfg:g}, eta {a.eta:g}{", EMA warm-up" if a.ema_warmup else ""}, '
               f'r_max {a.decm_r_max:g}, t schedule {a.decm_schedule}{", " + " ".join(a.extra) if a.extra else ""}); '
-              f'the Mix sampler switches at t = {a.mix_t:g} after 2 flow-map steps; '
+              f'the Mix sampler switches at t = {a.mix_t:g} after NFE / 2 flow-map steps (1 at 2 NFE: no fresh noise); '
               f'seed s trains DE-CM with seed s and samples every row with noise seed s against real subset s.',
               f'Time: teacher {t1 - t0:.0f} s, guidance sweep {t2 - t1:.0f} s, DE-CM {t3 - t2:.0f} s ({a.jobs} at a '
               f'time), DE-CM sampling and FD {t4 - t3:.0f} s; total {t4 - t0:.0f} s on {dev} '
@@ -213,7 +213,7 @@ def build_parser():
                    'uniform-with-N-seg, train.py\'s default, beyond noise at 1 NFE, 2 NFE and Mix 4 over 3 seeds at '
                    '200, 400 and 800 iterations; the runs of parts F-H to 3,200 iterations used uniform-seg)')
     p.add_argument('--mix-t', type=common.bounded(float, 0, 1, lo_open=True, hi_open=True), default=0.0625,
-                   help='sample.py --mix-t of the Mix row: the switch from flow-map steps to CM steps (study part I: '
+                   help='sample.py --mix-t of the Mix rows: the switch from flow-map steps to CM steps (study part I: '
                    'on the logit-normal runs 0.0625 beats 0.25, tuned on uniform-seg runs)')
     p.add_argument('--publish', action='store_true', help='also copy pipeline.md/.json/.png into --results '
                    '(by default they stay in --runs)')
